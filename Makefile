@@ -1,0 +1,41 @@
+# Two commands do everything: `make test` and (from the serving issue on) `make serve`.
+# Each installs what it needs first: a .venv with the project and its dev tools, and redis-server.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU machines take the CPU build of torch (pip finds it on this machine's disk); a GPU machine
+# keeps whatever CUDA build the user installed.
+TORCH_CPU := torch==2.13.0
+
+.PHONY: setup test lint typecheck layers pytest clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q $(TORCH_CPU); fi
+	$(BIN)/pip install -q -e '.[dev]'
+	command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server)
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy core scheduler kvcache
+
+layers: setup
+	$(BIN)/lint-imports
+
+pytest: setup
+	$(BIN)/pytest
+
+test: lint typecheck layers pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,62 @@
+"""Draft trees: nodes in topological order, each naming its parent.
+
+``parents[i] < i``; ``ROOT`` (-1) marks a child of the root, the last verified token. The
+attention mask, the depths (hence positions) and the root-to-leaf paths all derive from
+``parents``, so nothing else needs to travel with a tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROOT = -1
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    token_ids: torch.Tensor  # [num_nodes] int64
+    parents: torch.Tensor  # [num_nodes] int64, parents[i] < i, ROOT for children of the root
+
+    def __post_init__(self) -> None:
+        if self.token_ids.dim() != 1 or self.token_ids.shape != self.parents.shape:
+            raise ValueError(
+                f"token_ids {tuple(self.token_ids.shape)} and parents "
+                f"{tuple(self.parents.shape)} must be equal 1-D shapes"
+            )
+        index = torch.arange(len(self.parents))
+        if bool(((self.parents >= index) | (self.parents < ROOT)).any()):
+            raise ValueError(f"parents must satisfy ROOT <= parents[i] < i, got {self.parents.tolist()}")
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.parents.shape[0])
+
+    def depths(self) -> torch.Tensor:
+        """``[num_nodes]`` int64: 1 for children of the root, parent depth + 1 below."""
+        depth = torch.ones(self.num_nodes, dtype=torch.long)
+        for i, p in enumerate(self.parents.tolist()):
+            if p != ROOT:
+                depth[i] = depth[p] + 1
+        return depth
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """``[num_nodes, num_nodes]`` bool: ``mask[i, j]`` iff j is i or an ancestor of i."""
+        mask = torch.eye(self.num_nodes, dtype=torch.bool)
+        for i, p in enumerate(self.parents.tolist()):
+            if p != ROOT:
+                mask[i] |= mask[p]
+        return mask
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root's child down to ``node``, inclusive."""
+        path = []
+        while node != ROOT:
+            path.append(node)
+            node = int(self.parents[node])
+        return path[::-1]
+
+    def leaves(self) -> list[int]:
+        has_child = set(self.parents.tolist())
+        return [i for i in range(self.num_nodes) if i not in has_child]

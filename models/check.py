@@ -1,0 +1,230 @@
+"""Check our model layer against transformers on the same checkpoint (``covspec check-model``).
+
+Four comparisons of logits, each against ``AutoModelForImageTextToText`` (or
+``AutoModelForCausalLM``) running plain full-sequence forwards, the simplest oracle there is:
+
+- prefill: every prompt position of an image + text chat prompt;
+- decode: 8 incremental single-token steps through the paged pool;
+- tree: a draft tree after the prompt, each node against the forward of its root-to-node path;
+- batch: several sequences of different lengths, with and without images, in one packed forward.
+
+KV blocks are handed out in a scrambled order so that paging is really exercised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.forward_batch import SequenceInput, pack
+from core.kv import PagedKVCache
+from core.tree import DraftTree
+from models.loader import LoadedModel, load_model
+from models.vision import splice_images
+
+BLOCK_SIZE = 4
+TREE_PARENTS = [-1, -1, 0, 0, 1, 2, 4, 5]  # 8 nodes, 2 root branches, branching below
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    prefill_max_abs_diff: float
+    decode_max_abs_diff: float
+    tree_max_abs_diff: float
+    batch_max_abs_diff: float
+    prompt_tokens: int
+    decode_steps: int
+    tree_nodes: int
+    batch_sequences: int
+    dtype: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Blocks:
+    """Hands out pool blocks in a scrambled order (a stand-in for kvcache.BlockPool)."""
+
+    def __init__(self, num_blocks: int, seed: int) -> None:
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def table(self, num_tokens: int) -> tuple[int, ...]:
+        return tuple(self.free.pop() for _ in range((num_tokens + BLOCK_SIZE - 1) // BLOCK_SIZE))
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    input_ids: torch.Tensor  # [n]
+    pixel_values: torch.Tensor | None  # [1, 3, H, W]
+
+
+@dataclass
+class _Run:
+    """State of one check: a prompt prefilled into a pool, then decoded token by token."""
+
+    prompt: _Prompt
+    block_table: tuple[int, ...]
+    kv: PagedKVCache
+    tokens: list[int]  # decoded so far (transformers' greedy choices)
+    next_token: int
+
+
+class ModelChecker:
+    def __init__(self, model: LoadedModel, reference: Any, seed: int) -> None:
+        self.model, self.reference, self.seed = model, reference, seed
+        self.processor = model.processor()
+
+    def prompt(self, text: str, with_image: bool, seed: int) -> _Prompt:
+        from PIL import Image
+
+        if self.model.vision is None:
+            ids = self.processor.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+            return _Prompt(torch.tensor(ids), None)
+        content: list[dict[str, str]] = [{"type": "text", "text": text}]
+        images = None
+        if with_image:
+            pixels = np.random.default_rng(seed).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+            images = Image.fromarray(pixels)
+            content.insert(0, {"type": "image"})
+        messages = [
+            {"role": "system", "content": "you are a helpful assistant ."},
+            {"role": "user", "content": content},
+        ]
+        chat = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        enc = self.processor(images=images, text=chat, return_tensors="pt")
+        return _Prompt(enc["input_ids"][0], enc.get("pixel_values"))
+
+    def reference_logits(self, prompt: _Prompt, extra: list[int]) -> torch.Tensor:
+        """Transformers' logits ``[n + len(extra), vocab]`` for the prompt followed by ``extra``."""
+        ids = torch.cat([prompt.input_ids, torch.tensor(extra, dtype=torch.long)])[None]
+        kwargs = {} if prompt.pixel_values is None else {"pixel_values": prompt.pixel_values}
+        with torch.inference_mode():
+            return self.reference(input_ids=ids, **kwargs).logits[0].float()
+
+    def sequence(self, prompt: _Prompt, blocks: _Blocks, capacity: int) -> SequenceInput:
+        ids = prompt.input_ids
+        table = blocks.table(capacity)
+        if prompt.pixel_values is None:
+            return SequenceInput(ids, torch.arange(len(ids)), table, 0)
+        assert self.model.vision is not None and self.model.image_token_id is not None
+        images = self.model.vision(prompt.pixel_values)
+        spliced = splice_images(ids, self.model.image_token_id, images)
+        return SequenceInput(
+            spliced.token_ids,
+            spliced.positions,
+            table,
+            0,
+            embeds=spliced.embeds,
+            embed_index=spliced.embed_index,
+        )
+
+    def start(self, extra_capacity: int = 32) -> tuple[_Run, float]:
+        """Prefill an image + text prompt into a fresh pool; return the run and its max diff."""
+        decoder = self.model.decoder
+        kv = PagedKVCache(decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
+        prompt = self.prompt("what color is the star ?", with_image=True, seed=self.seed)
+        seq = self.sequence(prompt, _Blocks(256, self.seed), len(prompt.input_ids) + extra_capacity)
+        ours = decoder.logits(decoder(pack([seq], BLOCK_SIZE), kv))
+        ref = self.reference_logits(prompt, [])
+        run = _Run(prompt, seq.block_table, kv, [], int(ref[-1].argmax()))
+        return run, float((ours - ref).abs().max())
+
+    def decode(self, run: _Run, steps: int) -> float:
+        """Feed transformers' greedy tokens one at a time through the pool; max diff."""
+        decoder, diff = self.model.decoder, 0.0
+        for _ in range(steps):
+            run.tokens.append(run.next_token)
+            pos = len(run.prompt.input_ids) + len(run.tokens) - 1
+            step = SequenceInput(torch.tensor([run.next_token]), torch.tensor([pos]), run.block_table, pos)
+            ours = decoder.logits(decoder(pack([step], BLOCK_SIZE), run.kv))[0]
+            ref = self.reference_logits(run.prompt, run.tokens)[-1]
+            diff = max(diff, float((ours - ref).abs().max()))
+            run.next_token = int(ref.argmax())
+        return diff
+
+    def run(self, decode_steps: int = 8) -> CheckReport:
+        run, prefill_diff = self.start(extra_capacity=decode_steps + len(TREE_PARENTS))
+        decode_diff = self.decode(run, decode_steps)
+        tree_diff = self.tree_diff(run)
+        batch_diff, batch_size = self.batch_diff()
+        return CheckReport(
+            prefill_max_abs_diff=prefill_diff,
+            decode_max_abs_diff=decode_diff,
+            tree_max_abs_diff=tree_diff,
+            batch_max_abs_diff=batch_diff,
+            prompt_tokens=len(run.prompt.input_ids),
+            decode_steps=decode_steps,
+            tree_nodes=len(TREE_PARENTS),
+            batch_sequences=batch_size,
+            dtype=str(self.model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),
+        )
+
+    def tree_diff(self, run: _Run) -> float:
+        """A draft tree after the run's tokens; each node vs the forward of its path."""
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        vocab = self.model.decoder.cfg.vocab_size
+        tree = DraftTree(
+            torch.randint(0, vocab, (len(TREE_PARENTS),), generator=gen), torch.tensor(TREE_PARENTS)
+        )
+        cached = len(run.prompt.input_ids) + len(run.tokens)
+        item = SequenceInput(
+            tree.token_ids,
+            cached - 1 + tree.depths(),
+            run.block_table,
+            cached,
+            attention_mask=tree.ancestor_mask(),
+        )
+        decoder = self.model.decoder
+        ours = decoder.logits(decoder(pack([item], BLOCK_SIZE), run.kv))
+        diff = 0.0
+        for node in range(tree.num_nodes):
+            path = [int(tree.token_ids[i]) for i in tree.path_to(node)]
+            ref = self.reference_logits(run.prompt, run.tokens + path)[-1]
+            diff = max(diff, float((ours[node] - ref).abs().max()))
+        return diff
+
+    def batch_diff(self) -> tuple[float, int]:
+        """Sequences of different lengths (with and without images) in one packed forward."""
+        decoder = self.model.decoder
+        kv = PagedKVCache(decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
+        blocks = _Blocks(256, self.seed + 2)
+        specs = [
+            ("is there a red square ?", True),
+            ("count", False),
+            ("describe the scene in detail .", True),
+        ]
+        specs.append(("where is the blue circle ? answer briefly .", False))
+        prompts = [self.prompt(text, img, self.seed + i) for i, (text, img) in enumerate(specs)]
+        seqs = [self.sequence(p, blocks, len(p.input_ids)) for p in prompts]
+        hidden = decoder(pack(seqs, BLOCK_SIZE), kv)
+        ours = decoder.logits(hidden)
+        diff, start = 0.0, 0
+        for p, s in zip(prompts, seqs, strict=True):
+            ref = self.reference_logits(p, [])
+            diff = max(diff, float((ours[start : start + s.num_new] - ref).abs().max()))
+            start += s.num_new
+        return diff, len(seqs)
+
+
+def load_reference(path: Path, architecture: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = (
+        AutoModelForImageTextToText
+        if architecture == "LlavaForConditionalGeneration"
+        else AutoModelForCausalLM
+    )
+    return auto.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+
+
+def check_model(path: str | Path, seed: int = 0, decode_steps: int = 8) -> CheckReport:
+    """Compare our fp32 logits with transformers' on the checkpoint at ``path``."""
+    model = load_model(path, dtype="fp32")
+    reference = load_reference(Path(path), model.architecture)
+    return ModelChecker(model, reference, seed).run(decode_steps)

@@ -1,0 +1,186 @@
+"""Load a local Hugging Face checkpoint folder into our decoder (+ vision encoder for VLMs).
+
+The language model is built once, on the meta device, and its parameters are *assigned* from
+the safetensors tensors, so no second copy of the LM exists at any time. Architectures are
+looked up in a registry; anything else is refused with the list of what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.config import DecoderConfig
+from models.decoder import Decoder
+from models.vision import VisionEncoder
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    path: Path
+    architecture: str
+    hf_config: Any
+    decoder: Decoder
+    vision: VisionEncoder | None  # None for text-only checkpoints
+    image_token_id: int | None
+
+    def processor(self) -> Any:
+        """The checkpoint's own processor (VLM) or tokenizer (text-only), loaded offline."""
+        from transformers import AutoProcessor, AutoTokenizer
+
+        loader = AutoProcessor if self.vision is not None else AutoTokenizer
+        return loader.from_pretrained(self.path, local_files_only=True)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; pass the folder that holds config.json")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not a Hugging Face checkpoint folder: it has no config.json")
+    try:
+        config: dict[str, Any] = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    return config
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in path.glob("*.bin"))) or "none"
+        raise CheckpointError(
+            f"no *.safetensors weights in {path} (found .bin files: {found}); "
+            "save the model with save_pretrained(..., safe_serialization=True)"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
+
+
+def take_prefix(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors under the first of ``prefixes`` present, with that prefix stripped."""
+    for prefix in prefixes:
+        found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if found:
+            return found
+    return {}
+
+
+def build_decoder(
+    cfg: DecoderConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, attention_backend: str
+) -> Decoder:
+    """A decoder whose parameters are the given tensors (no random init, no second copy)."""
+    with torch.device("meta"):
+        decoder = Decoder(cfg, attention_backend)
+    if cfg.tie_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    elif "lm_head.weight" not in weights:
+        raise CheckpointError("the checkpoint has no lm_head weights and its config does not tie embeddings")
+    expected = {k for k in decoder.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"language model weights do not match a {cfg.family} decoder: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    decoder.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        decoder.lm_head.weight = decoder.embed_tokens.weight
+    return decoder.eval()
+
+
+def _load_vision(hf_config: Any, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> VisionEncoder:
+    vision = VisionEncoder(hf_config)
+    tower = take_prefix(tensors, ("model.vision_tower.", "vision_tower."))
+    own_keys = set(vision.vision_tower.state_dict())
+    # Older LLaVA checkpoints nest the tower under "vision_model."; newer ones do not.
+    tower = {(k if k in own_keys else k.removeprefix("vision_model.")): v for k, v in tower.items()}
+    projector = take_prefix(tensors, ("model.multi_modal_projector.", "multi_modal_projector."))
+    state = {f"vision_tower.{k}": v for k, v in tower.items()}
+    state.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
+    result = vision.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"vision weights do not match the config: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return vision.to(dtype).eval()
+
+
+def _load_llava(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    tensors = read_safetensors(path)
+    tie = bool(getattr(hf_config, "tie_word_embeddings", False))
+    cfg = DecoderConfig.from_hf(hf_config.text_config, tie_embeddings=tie)
+    lm = take_prefix(tensors, ("model.language_model.", "language_model.model."))
+    lm.update(
+        {f"lm_head.{k}": v for k, v in take_prefix(tensors, ("lm_head.", "language_model.lm_head.")).items()}
+    )
+    return LoadedModel(
+        path=path,
+        architecture="LlavaForConditionalGeneration",
+        hf_config=hf_config,
+        decoder=build_decoder(cfg, lm, dtype, attention_backend),
+        vision=_load_vision(hf_config, tensors, dtype),
+        image_token_id=int(hf_config.image_token_id),
+    )
+
+
+def _load_causal_lm(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    tensors = read_safetensors(path)
+    cfg = DecoderConfig.from_hf(hf_config)
+    lm = take_prefix(tensors, ("model.",))
+    lm.update({f"lm_head.{k}": v for k, v in take_prefix(tensors, ("lm_head.",)).items()})
+    return LoadedModel(
+        path=path,
+        architecture=hf_config.architectures[0],
+        hf_config=hf_config,
+        decoder=build_decoder(cfg, lm, dtype, attention_backend),
+        vision=None,
+        image_token_id=None,
+    )
+
+
+ARCHITECTURES: dict[str, Callable[[Path, torch.dtype, str], LoadedModel]] = {
+    "LlavaForConditionalGeneration": _load_llava,
+    "LlamaForCausalLM": _load_causal_lm,
+    "Qwen2ForCausalLM": _load_causal_lm,
+}
+
+
+def load_model(path: str | Path, dtype: str = "fp32", attention_backend: str = "sdpa") -> LoadedModel:
+    """Load the checkpoint folder ``path``; ``dtype`` is one of fp32, bf16, fp16."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    folder = Path(path)
+    config = read_config(folder)
+    architectures = config.get("architectures") or []
+    supported = [a for a in architectures if a in ARCHITECTURES]
+    if not supported:
+        raise CheckpointError(
+            f"architecture {architectures or config.get('model_type')} in {folder / 'config.json'} is not "
+            f"supported; supported: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[supported[0]](folder, DTYPES[dtype], attention_backend)

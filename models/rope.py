@@ -1,0 +1,63 @@
+"""Rotary position embeddings, including the scaling variants Llama / Qwen2 checkpoints use.
+
+Inverse frequencies come from transformers' own RoPE initialisers, so every scaling variant is
+computed exactly as the checkpoint's authors intended. Variants whose frequencies depend on the
+running sequence length (``dynamic``, ``longrope``) are refused rather than silently approximated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.config import DecoderConfig
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_frequencies(cfg: DecoderConfig) -> tuple[torch.Tensor, float]:
+    """Return ``(inv_freq [head_dim // 2] float32, attention_scaling)`` for ``cfg``."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = dict(cfg.rope_parameters)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}")
+    theta = float(params.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim
+        return 1.0 / (theta**exponents), 1.0
+    proxy = LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters=params,
+    )
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](proxy, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Turns positions into ``cos, sin`` tables and rotates query / key heads."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        with torch.device("cpu"):  # real numbers even when the model is built on the meta device
+            inv_freq, self.scaling = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` [T] -> ``(cos, sin)`` each [T, 1, head_dim], computed in float32."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.scaling).to(dtype)
+        sin = (emb.sin() * self.scaling).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [T, heads, head_dim] by the tables of :meth:`RotaryEmbedding.tables`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

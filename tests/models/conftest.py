@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.check import ModelChecker, load_reference
+from models.loader import load_model
+from models.synthetic import RandomLlavaSpec, build_random_llava
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+
+# Every supported axis appears at least once: text family, vision tower, GQA ratio 1 and > 1,
+# tied and untied embeddings, and the RoPE scaling variants.
+SPECS = {
+    "llama-clip-gqa2-untied": RandomLlavaSpec(text_family="llama", vision_family="clip", num_kv_heads=2),
+    "qwen2-siglip-mha-tied": RandomLlavaSpec(
+        text_family="qwen2", vision_family="siglip", num_kv_heads=4, tie_embeddings=True
+    ),
+    "llama-siglip-mqa-llama3rope": RandomLlavaSpec(
+        text_family="llama", vision_family="siglip", num_kv_heads=1, rope_parameters=LLAMA3_ROPE
+    ),
+    "qwen2-clip-gqa2-yarn-tied": RandomLlavaSpec(
+        text_family="qwen2",
+        vision_family="clip",
+        num_kv_heads=2,
+        tie_embeddings=True,
+        rope_parameters=YARN_ROPE,
+    ),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(SPECS))
+def checker(request: pytest.FixtureRequest, checkpoint_root: Path) -> Any:
+    path = build_random_llava(checkpoint_root / request.param, SPECS[request.param])
+    model = load_model(path, dtype="fp32")
+    return ModelChecker(model, load_reference(path, model.architecture), seed=0)
