@@ -77,8 +77,10 @@ class SdpaBackend:
         )
 
     def attend(self, q: torch.Tensor, kv: PagedKVCache, layer: int, meta: SdpaMetadata) -> torch.Tensor:
-        keys = kv.flat_keys(layer)[meta.kv_slots].transpose(1, 2)  # [B, kv_heads, max_kv, D]
-        values = kv.flat_values(layer)[meta.kv_slots].transpose(1, 2)
+        shape = (*meta.kv_slots.shape, *kv.keys.shape[-2:])  # [B, max_kv, kv_heads, D]
+        flat_slots = meta.kv_slots.flatten()  # index_select is several times faster than [] here
+        keys = kv.flat_keys(layer).index_select(0, flat_slots).view(shape).transpose(1, 2)
+        values = kv.flat_values(layer).index_select(0, flat_slots).view(shape).transpose(1, 2)
         queries = q[meta.query_rows].transpose(1, 2)  # [B, heads, max_q, D]
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=meta.mask, scale=meta.scale, enable_gqa=True
