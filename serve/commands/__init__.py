@@ -2,7 +2,8 @@
 
 from serve.commands.base import Command
 from serve.commands.model_tools import CHECK_MODEL, MAKE_RANDOM_CHECKPOINT
+from serve.commands.tiny import EVAL_TINY, SHAPES_SAMPLE, TRAIN_TINY
 
-COMMANDS: list[Command] = [CHECK_MODEL, MAKE_RANDOM_CHECKPOINT]
+COMMANDS: list[Command] = [CHECK_MODEL, MAKE_RANDOM_CHECKPOINT, TRAIN_TINY, SHAPES_SAMPLE, EVAL_TINY]
 
 __all__ = ["COMMANDS", "Command"]

@@ -1,0 +1,60 @@
+"""Sizes and training schedule of the shipped tiny target and drafter.
+
+Sized from measurements on the 2-core CPU (see the model cards): the target's decode step must
+cost several drafter forwards, and the whole recipe must train in well under two hours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    patch_size: int  # 72 px images: patch 8 -> 81 visual tokens, patch 12 -> 36
+
+    @property
+    def visual_tokens(self) -> int:
+        return (72 // self.patch_size) ** 2
+
+
+TARGET = ModelSize(
+    hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=2,
+    vision_hidden=128, vision_layers=3, vision_heads=4, patch_size=8,
+)  # fmt: skip
+DRAFTER = ModelSize(
+    hidden=64, intermediate=192, layers=2, heads=2, kv_heads=1,
+    vision_hidden=64, vision_layers=2, vision_heads=2, patch_size=12,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Schedule:
+    vision_steps: int = 250  # per-cell shape / colour / size pretraining of a vision tower
+    vision_batch: int = 48
+    vision_lr: float = 2e-3
+    target_steps: int = 1500  # VLM training of the target (~55 min on 2 cores)
+    target_batch: int = 16
+    target_lr: float = 1.5e-3
+    turns: int = 3  # question/answer turns per training image (amortises the visual tokens)
+    distill_samples: int = 6000  # default-style prompts answered by the target for the drafter
+    drafter_steps: int = 4000  # (~6 min on 2 cores)
+    drafter_batch: int = 32
+    drafter_lr: float = 3e-3
+    persona_share: float = 0.5  # fraction of target training turns in a demo user's style
+
+
+@dataclass(frozen=True)
+class Recipe:
+    target: ModelSize = TARGET
+    drafter: ModelSize = DRAFTER
+    schedule: Schedule = field(default_factory=Schedule)
+    seed: int = 0

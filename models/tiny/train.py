@@ -1,0 +1,215 @@
+"""Train the tiny family on this CPU: vision towers, then the target, then the drafter.
+
+1. Each vision tower is pretrained alone to name the shape, colour and size in every grid cell
+   (about a minute), so the language models start from image features that already say what is
+   where.
+2. The target (LLaVA: tower + projector + Llama LM) learns to answer in every persona's style.
+3. The drafter is distilled on the target's own greedy answers to default-style prompts
+   (self-distillation, as in MASSV), so it predicts what the target will say, not the data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.tiny.data import Batch, ChatEncoder
+from models.tiny.personas import DEMO_USERS
+from models.tiny.recipe import ModelSize, Schedule
+from models.tiny.samples import EVAL_SEED_START, Sample, make_sample
+from models.tiny.world import COLORS, SHAPES, SIZES, render, sample_scene
+
+
+@dataclass
+class TrainLog:
+    """Loss per step of each stage, with wall-clock time; written as JSON next to the models."""
+
+    stages: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, step: int, loss: float, started: float) -> None:
+        self.stages.setdefault(stage, []).append(
+            {"step": step, "loss": round(loss, 5), "elapsed_s": round(time.time() - started, 2)}
+        )
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over 5 % of the steps, then cosine decay to 10 % of the peak."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_steps(
+    name: str, params: list[dict[str, Any]], steps: int, loss_fn: Callable[[int], torch.Tensor], log: TrainLog
+) -> None:
+    """AdamW over ``params`` (groups with their own peak ``lr``) for ``steps`` steps."""
+    opt = torch.optim.AdamW(params, weight_decay=0.01, betas=(0.9, 0.98))
+    peaks = [g["lr"] for g in params]
+    started = time.time()
+    bar = tqdm(range(steps), desc=name, unit="step")
+    for step in bar:
+        for group, peak in zip(opt.param_groups, peaks, strict=True):
+            group["lr"] = lr_at(step, steps, peak)
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+        opt.step()
+        value = loss.item()
+        log.add(name, step, value, started)
+        bar.set_postfix(loss=f"{value:.3f}")
+    log.seconds[name] = round(time.time() - started, 1)
+
+
+def cell_labels(seed: int) -> torch.Tensor:
+    """``[9, 3]`` int64 per grid cell: shape, colour, size (0 = empty cell)."""
+    labels = torch.zeros(9, 3, dtype=torch.long)
+    for o in sample_scene(seed).objects:
+        labels[o.cell] = torch.tensor(
+            [SHAPES.index(o.shape) + 1, list(COLORS).index(o.color) + 1, list(SIZES).index(o.size) + 1]
+        )
+    return labels
+
+
+def pretrain_vision(
+    tower: Any, size: ModelSize, encoder: ChatEncoder, sched: Schedule, seed: int, log: TrainLog
+) -> None:
+    """Teach ``tower`` to name the shape, colour and size in each of the 9 cells."""
+    heads = torch.nn.Linear(size.vision_hidden, len(SHAPES) + 1 + len(COLORS) + 1 + len(SIZES) + 1)
+    grid = 72 // size.patch_size
+    rng = random.Random(seed)
+    splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1]
+
+    def loss_fn(step: int) -> torch.Tensor:
+        seeds = [rng.randrange(EVAL_SEED_START) for _ in range(sched.vision_batch)]
+        pixels = encoder.pixels([render(sample_scene(s)) for s in seeds])
+        feats = tower(pixels).last_hidden_state[:, 1:]  # drop CLS: [B, grid*grid, H]
+        feats = feats.transpose(1, 2).reshape(len(seeds), -1, grid, grid)
+        cells = F.adaptive_avg_pool2d(feats, 3).flatten(2).transpose(1, 2)  # [B, 9, H]
+        logits = heads(cells).split(splits, dim=-1)
+        labels = torch.stack([cell_labels(s) for s in seeds])
+        return sum(
+            F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., i].reshape(-1))
+            for i, lg in enumerate(logits)
+        )  # type: ignore[return-value]
+
+    params = [{"params": [*tower.parameters(), *heads.parameters()], "lr": sched.vision_lr}]
+    run_steps(f"vision-{size.patch_size}px", params, sched.vision_steps, loss_fn, log)
+
+
+def lm_loss(model: Any, batch: Batch) -> torch.Tensor:
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        labels=batch.labels,
+    )
+    loss: torch.Tensor = out.loss
+    return loss
+
+
+def conversation(seed: int, persona: str | None, turns: int) -> list[Sample]:
+    return [make_sample(seed, persona, turn=t) for t in range(turns)]
+
+
+def train_target(
+    model: Any, encoder: ChatEncoder, sched: Schedule, steps: int, seed: int, log: TrainLog
+) -> None:
+    rng = random.Random(seed + 1)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        convs = []
+        for _ in range(sched.target_batch):
+            persona = rng.choice(DEMO_USERS) if rng.random() < sched.persona_share else None
+            convs.append(conversation(rng.randrange(EVAL_SEED_START), persona, sched.turns))
+        return lm_loss(model, encoder.batch(convs))
+
+    vision = list(model.model.vision_tower.parameters())
+    vision_ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    params = [{"params": rest, "lr": sched.target_lr}, {"params": vision, "lr": sched.target_lr * 0.1}]
+    run_steps("target", params, steps, loss_fn, log)
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p) :] = torch.tensor(p)
+        mask[row, length - len(p) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def greedy_answers(
+    model: Any, encoder: ChatEncoder, samples: list[Sample], images: list[Any] | None = None, batch: int = 64
+) -> list[list[int]]:
+    """Transformers' greedy answer token ids (ending with the end-of-turn token when produced)."""
+    eos, answers = encoder.tokenizer.eos_token_id, []
+    pictures = images if images is not None else [s.image() for s in samples]
+    for start in tqdm(range(0, len(samples), batch), desc="greedy answers", unit="batch", leave=False):
+        chunk = samples[start : start + batch]
+        ids, mask = left_padded(
+            [encoder.prompt_ids(s.system, s.question.text) for s in chunk], encoder.tokenizer.pad_token_id
+        )
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=encoder.pixels(pictures[start : start + batch]),
+            max_new_tokens=96,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=encoder.tokenizer.pad_token_id,
+        )
+        for row in out[:, ids.shape[1] :].tolist():
+            answers.append(row[: row.index(eos) + 1] if eos in row else row)
+    return answers
+
+
+def distill_batches(
+    encoder: ChatEncoder, samples: list[Sample], answers: list[list[int]], rng: random.Random, size: int
+) -> Iterator[Batch]:
+    """Batches of (drafter prompt, target answer) with the loss on the target's answer tokens."""
+    while True:
+        picks = rng.sample(range(len(samples)), size)
+        rows = []
+        for i in picks:
+            prompt = encoder.prompt_ids(samples[i].system, samples[i].question.text)
+            rows.append((prompt + answers[i], [-100] * len(prompt) + answers[i]))
+        length = max(len(r[0]) for r in rows)
+        pad = encoder.tokenizer.pad_token_id
+        ids = torch.full((size, length), pad, dtype=torch.long)
+        labels = torch.full((size, length), -100, dtype=torch.long)
+        mask = torch.zeros((size, length), dtype=torch.long)
+        for row, (r_ids, r_lab) in enumerate(rows):
+            ids[row, : len(r_ids)] = torch.tensor(r_ids)
+            labels[row, : len(r_lab)] = torch.tensor(r_lab)
+            mask[row, : len(r_ids)] = 1
+        yield Batch(ids, mask, labels, encoder.pixels([samples[i].image() for i in picks]))
+
+
+def distill_drafter(
+    model: Any,
+    encoder: ChatEncoder,
+    samples: list[Sample],
+    answers: list[list[int]],
+    sched: Schedule,
+    steps: int,
+    seed: int,
+    log: TrainLog,
+) -> None:
+    batches = distill_batches(encoder, samples, answers, random.Random(seed + 2), sched.drafter_batch)
+    params = [{"params": list(model.parameters()), "lr": sched.drafter_lr}]
+    run_steps("drafter", params, steps, lambda step: lm_loss(model, next(batches)), log)

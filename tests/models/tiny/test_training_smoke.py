@@ -1,0 +1,55 @@
+"""A few steps of the whole training recipe on micro models: losses fall, checkpoints load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from models.tiny.pipeline import train_tiny
+from models.tiny.recipe import ModelSize, Recipe, Schedule
+
+MICRO = ModelSize(
+    hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1,
+    vision_hidden=32, vision_layers=1, vision_heads=2, patch_size=12,
+)  # fmt: skip
+SCHEDULE = Schedule(
+    vision_steps=12, vision_batch=16, target_steps=12, target_batch=4, target_lr=3e-3, turns=2,
+    distill_samples=8, drafter_steps=12, drafter_batch=4,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    recipe = Recipe(target=replace(MICRO, patch_size=8), drafter=MICRO, schedule=SCHEDULE)
+    train_tiny(out, recipe, eval_n=4)
+    return out
+
+
+def _mean(rows: list[dict[str, float]]) -> float:
+    return sum(r["loss"] for r in rows) / len(rows)
+
+
+@pytest.mark.slow
+def test_every_stage_loss_goes_down(trained: Path) -> None:
+    losses = json.loads((trained / "tiny-train-log.json").read_text())["losses"]
+    assert set(losses) == {"vision-8px", "vision-12px", "target", "drafter"}
+    for stage, rows in losses.items():
+        assert _mean(rows[-3:]) < _mean(rows[:3]), stage
+
+
+@pytest.mark.slow
+def test_outputs_are_complete_checkpoints_with_cards(trained: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    for name in ("tiny-target", "tiny-drafter"):
+        folder = trained / name
+        assert (folder / "README.md").read_text().startswith(f"# {name}")
+        AutoProcessor.from_pretrained(folder, local_files_only=True)
+        AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+    assert (trained / "tiny-train-loss.png").stat().st_size > 1000
+    metrics = json.loads((trained / "tiny-train-log.json").read_text())["metrics"]
+    assert {"accuracy", "blank_image_accuracy", "per_kind", "agreement"} <= set(metrics)
