@@ -20,8 +20,9 @@ class SdpaMetadata:
     kv_slots: torch.Tensor  # [B, max_kv] int64 flat pool slots, 0 where padded
     query_rows: torch.Tensor  # [B, max_q] int64 rows of the packed batch, 0 where padded
     query_valid: torch.Tensor  # [B, max_q] bool
-    mask: torch.Tensor  # [B, 1, max_q, max_kv] bool, True = may attend
+    mask: torch.Tensor | None  # [B, 1, max_q, max_kv] bool, True = may attend; None = all visible
     scale: float
+    single: bool  # one sequence: queries are all rows in order, no padding to gather or drop
 
 
 def gather_kv_slots(batch: ForwardBatch, max_kv: int) -> torch.Tensor:
@@ -65,6 +66,9 @@ class SdpaBackend:
     def prepare(self, batch: ForwardBatch, scale: float) -> SdpaMetadata:
         counts = batch.query_starts[1:] - batch.query_starts[:-1]
         max_q, max_kv = int(counts.max()), int(batch.context_lens.max())
+        single = batch.num_sequences == 1
+        # the single-sequence decode step (one new token, no tree) sees its whole context: no mask
+        needs_mask = not (single and max_q == 1)
         offsets = torch.arange(max_q, device=counts.device)[None, :]
         valid = offsets < counts[:, None]
         rows = torch.where(valid, batch.query_starts[:-1, None] + offsets, torch.zeros_like(offsets))
@@ -72,8 +76,9 @@ class SdpaBackend:
             kv_slots=gather_kv_slots(batch, max_kv),
             query_rows=rows,
             query_valid=valid,
-            mask=build_mask(batch, max_q, max_kv),
+            mask=build_mask(batch, max_q, max_kv) if needs_mask else None,
             scale=scale,
+            single=single,
         )
 
     def attend(self, q: torch.Tensor, kv: PagedKVCache, layer: int, meta: SdpaMetadata) -> torch.Tensor:
@@ -81,8 +86,8 @@ class SdpaBackend:
         flat_slots = meta.kv_slots.flatten()  # index_select is several times faster than [] here
         keys = kv.flat_keys(layer).index_select(0, flat_slots).view(shape).transpose(1, 2)
         values = kv.flat_values(layer).index_select(0, flat_slots).view(shape).transpose(1, 2)
-        queries = q[meta.query_rows].transpose(1, 2)  # [B, heads, max_q, D]
+        queries = (q[None] if meta.single else q[meta.query_rows]).transpose(1, 2)  # [B, heads, max_q, D]
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=meta.mask, scale=meta.scale, enable_gqa=True
-        )
-        return out.transpose(1, 2)[meta.query_valid]  # [T, heads, D] in packed order
+        ).transpose(1, 2)
+        return out[0] if meta.single else out[meta.query_valid]  # [T, heads, D] in packed order
