@@ -38,7 +38,7 @@ DRAFTER = ModelSize(
 
 @dataclass(frozen=True)
 class Schedule:
-    vision_steps: int = 250  # per-cell shape / colour / size pretraining of a vision tower
+    vision_steps: int = 600  # per-patch cell / shape / colour / size pretraining of a vision tower
     vision_batch: int = 48
     vision_lr: float = 2e-3
     target_steps: int = 1500  # VLM training of the target (~55 min on 2 cores)

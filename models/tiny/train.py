@@ -1,8 +1,8 @@
 """Train the tiny family on this CPU: vision towers, then the target, then the drafter.
 
-1. Each vision tower is pretrained alone to name the shape, colour and size in every grid cell
-   (about a minute), so the language models start from image features that already say what is
-   where.
+1. Each vision tower is pretrained alone: every patch token learns to name its grid cell and
+   the shape, colour and size of the object there (a minute or two). The tower is then frozen,
+   so the language models start from visual tokens that already say what is where.
 2. The target (LLaVA: tower + projector + Llama LM) learns to answer in every persona's style.
 3. The drafter is distilled on the target's own greedy answers to default-style prompts
    (self-distillation, as in MASSV), so it predicts what the target will say, not the data.
@@ -85,27 +85,26 @@ def cell_labels(seed: int) -> torch.Tensor:
 def pretrain_vision(
     tower: Any, size: ModelSize, encoder: ChatEncoder, sched: Schedule, seed: int, log: TrainLog
 ) -> None:
-    """Teach ``tower`` to name the shape, colour and size in each of the 9 cells."""
-    heads = torch.nn.Linear(size.vision_hidden, len(SHAPES) + 1 + len(COLORS) + 1 + len(SIZES) + 1)
+    """Teach every patch token of ``tower`` to name its grid cell and that cell's shape, colour
+    and size, so each visual token states what is where before any language model sees it."""
+    splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, 9]
+    heads = torch.nn.Linear(size.vision_hidden, sum(splits))
     grid = 72 // size.patch_size
+    cell_of_patch = torch.tensor([(r * 3 // grid) * 3 + c * 3 // grid for r in range(grid) for c in range(grid)])
     rng = random.Random(seed)
-    splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1]
 
     def loss_fn(step: int) -> torch.Tensor:
         seeds = [rng.randrange(EVAL_SEED_START) for _ in range(sched.vision_batch)]
         pixels = encoder.pixels([render(sample_scene(s)) for s in seeds])
-        feats = tower(pixels).last_hidden_state[:, 1:]  # drop CLS: [B, grid*grid, H]
-        feats = feats.transpose(1, 2).reshape(len(seeds), -1, grid, grid)
-        cells = F.adaptive_avg_pool2d(feats, 3).flatten(2).transpose(1, 2)  # [B, 9, H]
-        logits = heads(cells).split(splits, dim=-1)
-        labels = torch.stack([cell_labels(s) for s in seeds])
-        return sum(
-            F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., i].reshape(-1))
-            for i, lg in enumerate(logits)
-        )  # type: ignore[return-value]
+        logits = heads(tower(pixels).last_hidden_state[:, 1:]).split(splits, dim=-1)  # per patch
+        cells = torch.stack([cell_labels(s) for s in seeds])[:, cell_of_patch]  # [B, patches, 3]
+        labels = [cells[..., 0], cells[..., 1], cells[..., 2], cell_of_patch.expand(len(seeds), -1)]
+        losses = [F.cross_entropy(lg.flatten(0, 1), lab.flatten()) for lg, lab in zip(logits, labels, strict=True)]
+        return torch.stack(losses).sum()
 
     params = [{"params": [*tower.parameters(), *heads.parameters()], "lr": sched.vision_lr}]
     run_steps(f"vision-{size.patch_size}px", params, sched.vision_steps, loss_fn, log)
+    tower.requires_grad_(False)  # later stages keep these features as they are
 
 
 def lm_loss(model: Any, batch: Batch) -> torch.Tensor:
@@ -135,10 +134,7 @@ def train_target(
             convs.append(conversation(rng.randrange(EVAL_SEED_START), persona, sched.turns))
         return lm_loss(model, encoder.batch(convs))
 
-    vision = list(model.model.vision_tower.parameters())
-    vision_ids = {id(p) for p in vision}
-    rest = [p for p in model.parameters() if id(p) not in vision_ids]
-    params = [{"params": rest, "lr": sched.target_lr}, {"params": vision, "lr": sched.target_lr * 0.1}]
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": sched.target_lr}]
     run_steps("target", params, steps, loss_fn, log)
 
 
@@ -211,5 +207,5 @@ def distill_drafter(
     log: TrainLog,
 ) -> None:
     batches = distill_batches(encoder, samples, answers, random.Random(seed + 2), sched.drafter_batch)
-    params = [{"params": list(model.parameters()), "lr": sched.drafter_lr}]
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": sched.drafter_lr}]
     run_steps("drafter", params, steps, lambda step: lm_loss(model, next(batches)), log)
