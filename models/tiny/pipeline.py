@@ -59,7 +59,8 @@ def train_tiny(out_root: Path, recipe: Recipe | None = None, eval_n: int = 300) 
     pretrain_vision(drafter.model.vision_tower, recipe.drafter, d_enc, sched, recipe.seed + 1, log)
     train_target(target.train(), t_enc, sched, sched.target_steps, recipe.seed, log)
     target.eval()
-    save_checkpoint(target, tokenizer, recipe.target, out_root / "tiny-target", "# tiny-target (in training)\n")
+    in_training = "# tiny-target (in training)\n"
+    save_checkpoint(target, tokenizer, recipe.target, out_root / "tiny-target", in_training)
 
     # self-distillation: the drafter learns the target's own greedy answers to default-style prompts
     distill = [

@@ -90,7 +90,8 @@ def pretrain_vision(
     splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, 9]
     heads = torch.nn.Linear(size.vision_hidden, sum(splits))
     grid = 72 // size.patch_size
-    cell_of_patch = torch.tensor([(r * 3 // grid) * 3 + c * 3 // grid for r in range(grid) for c in range(grid)])
+    rows_cols = [(r, c) for r in range(grid) for c in range(grid)]
+    cell_of_patch = torch.tensor([(r * 3 // grid) * 3 + c * 3 // grid for r, c in rows_cols])
     rng = random.Random(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -99,8 +100,8 @@ def pretrain_vision(
         logits = heads(tower(pixels).last_hidden_state[:, 1:]).split(splits, dim=-1)  # per patch
         cells = torch.stack([cell_labels(s) for s in seeds])[:, cell_of_patch]  # [B, patches, 3]
         labels = [cells[..., 0], cells[..., 1], cells[..., 2], cell_of_patch.expand(len(seeds), -1)]
-        losses = [F.cross_entropy(lg.flatten(0, 1), lab.flatten()) for lg, lab in zip(logits, labels, strict=True)]
-        return torch.stack(losses).sum()
+        pairs = zip(logits, labels, strict=True)
+        return torch.stack([F.cross_entropy(lg.flatten(0, 1), lab.flatten()) for lg, lab in pairs]).sum()
 
     params = [{"params": [*tower.parameters(), *heads.parameters()], "lr": sched.vision_lr}]
     run_steps(f"vision-{size.patch_size}px", params, sched.vision_steps, loss_fn, log)
