@@ -1,7 +1,10 @@
 """One decoder for the Llama and Qwen2 families, over a packed batch and the paged KV pool.
 
-Parameter names follow transformers (``layers.N.self_attn.q_proj.weight`` ...), so a checkpoint's
-language-model weights load with a plain ``load_state_dict`` once their prefix is stripped.
+Parameter names follow transformers (``layers.N.self_attn.o_proj.weight`` ...) except for two
+fused projections: ``qkv_proj`` holds ``q_proj``, ``k_proj`` and ``v_proj`` stacked, and
+``gate_up_proj`` holds ``gate_proj`` and ``up_proj``. Fewer, larger matmuls matter on a CPU,
+where a small drafter's forward is dominated by per-op overhead. :func:`fuse_hf_weights` turns a
+checkpoint's tensors into this layout.
 """
 
 from __future__ import annotations
@@ -15,6 +18,38 @@ from core.kv import KVLayout, PagedKVCache
 from models.attention import AttentionBackend, SdpaBackend, get_backend
 from models.config import DecoderConfig
 from models.rope import RotaryEmbedding, apply_rotary
+
+# fused parameter -> the transformers parameters stacked in it, in order (along the output dim)
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def hf_names(names: list[str]) -> list[str]:
+    """Our parameter names -> the transformers parameter names they are built from."""
+    out = []
+    for name in names:
+        head, _, leaf = name.rpartition(".")  # "layers.0.self_attn.qkv_proj", "weight"
+        key = next((k for k in FUSED if head.endswith(k)), None)
+        if key is None:
+            out.append(name)
+        else:
+            out += [f"{head[: -len(key)]}{part}.{leaf}" for part in FUSED[key]]
+    return out
+
+
+def fuse_hf_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack the q/k/v and gate/up tensors of a transformers state dict under our fused names."""
+    out = dict(weights)
+    for name in weights:
+        for fused, parts in FUSED.items():
+            if f".{parts[0]}." in f".{name}":
+                base, leaf = name.split(f"{parts[0]}.")
+                names = [f"{base}{part}.{leaf}" for part in parts]
+                if all(n in out for n in names):
+                    out[f"{base}{fused}.{leaf}"] = torch.cat([out.pop(n) for n in names])
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -35,9 +70,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        qkv_heads = cfg.num_heads + 2 * cfg.num_kv_heads
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(
@@ -49,10 +83,10 @@ class Attention(nn.Module):
         backend: AttentionBackend,
         meta: object,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), *rope)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        t, h = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x).view(t, h + 2 * self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, : h + self.num_kv_heads], *rope)  # queries and keys rotate together
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + self.num_kv_heads :]
         kv.flat_keys(self.layer)[batch.slot_mapping] = k.to(kv.keys.dtype)
         kv.flat_values(self.layer)[batch.slot_mapping] = v.to(kv.values.dtype)
         out = backend.attend(q, kv, self.layer, meta)
@@ -62,13 +96,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACT2FN[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

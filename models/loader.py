@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from models.config import DecoderConfig
-from models.decoder import Decoder
+from models.decoder import Decoder, fuse_hf_weights, hf_names
 from models.vision import VisionEncoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,14 +92,16 @@ def build_decoder(
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
     elif "lm_head.weight" not in weights:
         raise CheckpointError("the checkpoint has no lm_head weights and its config does not tie embeddings")
-    expected = {k for k in decoder.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    ours = [k for k in decoder.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    expected = set(hf_names(ours))
     missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"language model weights do not match a {cfg.family} decoder: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    decoder.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False, assign=True)
+    fused = fuse_hf_weights({k: v.to(dtype) for k, v in weights.items()})
+    decoder.load_state_dict(fused, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         decoder.lm_head.weight = decoder.embed_tokens.weight
     return decoder.eval()
