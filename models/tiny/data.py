@@ -70,15 +70,17 @@ class ChatEncoder:
         return out
 
     def batch(self, conversations: list[list[Sample]], images: list[Any] | None = None) -> Batch:
-        encoded = [self.conversation(c) for c in conversations]
-        length = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
-        labels = torch.full((len(encoded), length), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        for row, (ids, lab) in enumerate(encoded):
+        pictures = images if images is not None else [c[0].image() for c in conversations]
+        return self.pad([self.conversation(c) for c in conversations], pictures)
+
+    def pad(self, rows: list[tuple[list[int], list[int]]], images: list[Any]) -> Batch:
+        """Right-pad ``(ids, labels)`` rows into a batch with the images' pixels."""
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for row, (ids, lab) in enumerate(rows):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(lab)] = torch.tensor(lab)
             mask[row, : len(ids)] = 1
-        pictures = images if images is not None else [c[0].image() for c in conversations]
-        return Batch(input_ids, mask, labels, self.pixels(pictures))
+        return Batch(input_ids, mask, labels, self.pixels(images))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.tiny.data import Batch, ChatEncoder
+from models.tiny.data import IGNORE, Batch, ChatEncoder
 from models.tiny.personas import DEMO_USERS
 from models.tiny.recipe import ModelSize, Schedule
 from models.tiny.samples import EVAL_SEED_START, Sample, make_sample
@@ -184,17 +184,8 @@ def distill_batches(
         rows = []
         for i in picks:
             prompt = encoder.prompt_ids(samples[i].system, samples[i].question.text)
-            rows.append((prompt + answers[i], [-100] * len(prompt) + answers[i]))
-        length = max(len(r[0]) for r in rows)
-        pad = encoder.tokenizer.pad_token_id
-        ids = torch.full((size, length), pad, dtype=torch.long)
-        labels = torch.full((size, length), -100, dtype=torch.long)
-        mask = torch.zeros((size, length), dtype=torch.long)
-        for row, (r_ids, r_lab) in enumerate(rows):
-            ids[row, : len(r_ids)] = torch.tensor(r_ids)
-            labels[row, : len(r_lab)] = torch.tensor(r_lab)
-            mask[row, : len(r_ids)] = 1
-        yield Batch(ids, mask, labels, encoder.pixels([samples[i].image() for i in picks]))
+            rows.append((prompt + answers[i], [IGNORE] * len(prompt) + answers[i]))
+        yield encoder.pad(rows, [samples[i].image() for i in picks])
 
 
 def distill_drafter(
