@@ -23,7 +23,9 @@ def _metrics_table(m: dict[str, Any]) -> str:
 
 def target_card(summary: dict[str, Any]) -> str:
     r, m = summary["recipe"]["target"], summary["metrics"]
-    minutes = summary["train_seconds"] / 60
+    minutes = summary["total_train_seconds"] / 60
+    sched = summary["recipe"]["schedule"]
+    phases = " then ".join(f"{steps} steps at peak lr {lr:g}" for steps, lr in sched["target_phases"])
     return f"""# tiny-target
 
 The verifier VLM of CoVSpec Serve's demo: a LLaVA-format model (`LlavaForConditionalGeneration`)
@@ -35,8 +37,10 @@ trained from scratch on ShapesWorld (`models/tiny/`), rebuilt by `covspec train-
   backgrounds, some occlusion) with 7 question kinds, answered in the default style and in the
   styles of the demo users alice, bob, carol and dave (selected by the system prompt). Training
   seeds lie below 1,000,000,000; evaluation seeds at or above it.
-- Training: vision tower pretrained on per-cell shape/colour/size labels, then the whole VLM on
-  multi-turn conversations; {minutes:.0f} minutes for the whole family on 2 CPU cores.
+- Training: vision tower pretrained on per-patch labels (grid cell, and the shape, colour and size
+  there), then frozen; the projector and language model trained on multi-turn conversations in
+  {phases}; about {minutes:.0f} minutes for the whole family on 2 CPU cores. Loss curves:
+  `../tiny-train-loss.png`, `../tiny-train-log.json`.
 
 ## Evaluation
 

@@ -27,6 +27,14 @@ def encoder_for(tokenizer: Any, size: Any) -> ChatEncoder:
     )
 
 
+def resumed_target(folder: Path, phases_done: int) -> tuple[Any, int]:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    model.model.vision_tower.requires_grad_(False)  # frozen after its pretraining, as in a full run
+    return model, phases_done
+
+
 def params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -45,22 +53,32 @@ def measure(target: Any, drafter: Any, t_enc: ChatEncoder, d_enc: ChatEncoder, n
     }
 
 
-def train_tiny(out_root: Path, recipe: Recipe | None = None, eval_n: int = 300) -> dict[str, Any]:
-    """Train target and drafter; write ``tiny-target/``, ``tiny-drafter/`` and the logs under ``out_root``."""
+def train_tiny(
+    out_root: Path, recipe: Recipe | None = None, eval_n: int = 300, resume: tuple[Path, int] | None = None
+) -> dict[str, Any]:
+    """Train target and drafter; write ``tiny-target/``, ``tiny-drafter/`` and the logs under ``out_root``.
+
+    ``resume=(folder, phases_done)`` starts from a target checkpoint saved after that many target
+    phases (the pipeline saves one after each), skipping the target's earlier stages.
+    """
     recipe = recipe or Recipe()
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     started, log, sched = time.time(), TrainLog(), recipe.schedule
     tokenizer = train_tokenizer()
     t_enc, d_enc = encoder_for(tokenizer, recipe.target), encoder_for(tokenizer, recipe.drafter)
-    target = new_model(recipe.target, tokenizer, recipe.seed)
     drafter = new_model(recipe.drafter, tokenizer, recipe.seed + 1)
-    pretrain_vision(target.model.vision_tower, recipe.target, t_enc, sched, recipe.seed, log)
+    if resume is None:
+        target, done = new_model(recipe.target, tokenizer, recipe.seed), 0
+        pretrain_vision(target.model.vision_tower, recipe.target, t_enc, sched, recipe.seed, log)
+    else:
+        target, done = resumed_target(*resume)
     pretrain_vision(drafter.model.vision_tower, recipe.drafter, d_enc, sched, recipe.seed + 1, log)
-    train_target(target.train(), t_enc, sched, sched.target_steps, recipe.seed, log)
-    target.eval()
-    in_training = "# tiny-target (in training)\n"
-    save_checkpoint(target, tokenizer, recipe.target, out_root / "tiny-target", in_training)
+    for phase in range(done, len(sched.target_phases)):
+        train_target(target.train(), t_enc, sched, phase, recipe.seed, log)
+        target.eval()
+        note = f"# tiny-target (in training: {phase + 1} of {len(sched.target_phases)} phases done)\n"
+        save_checkpoint(target, tokenizer, recipe.target, out_root / "tiny-target", note)
 
     # self-distillation: the drafter learns the target's own greedy answers to default-style prompts
     distill = [
@@ -79,6 +97,8 @@ def train_tiny(out_root: Path, recipe: Recipe | None = None, eval_n: int = 300) 
         "target_params": params(target),
         "drafter_params": params(drafter),
         "train_seconds": round(time.time() - started, 1),
+        "total_train_seconds": round(time.time() - started, 1),  # a resumed run adds its earlier part
+        "resumed_from": None if resume is None else {"folder": str(resume[0]), "phases_done": resume[1]},
         "stage_seconds": log.seconds,
         "metrics": metrics,
     }

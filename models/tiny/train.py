@@ -124,9 +124,11 @@ def conversation(seed: int, persona: str | None, turns: int) -> list[Sample]:
 
 
 def train_target(
-    model: Any, encoder: ChatEncoder, sched: Schedule, steps: int, seed: int, log: TrainLog
+    model: Any, encoder: ChatEncoder, sched: Schedule, phase: int, seed: int, log: TrainLog
 ) -> None:
-    rng = random.Random(seed + 1)
+    """Phase ``phase`` of ``sched.target_phases``: its own optimizer, schedule and data stream."""
+    steps, lr = sched.target_phases[phase]
+    rng = random.Random(seed + 1 + 1000 * phase)
 
     def loss_fn(step: int) -> torch.Tensor:
         convs = []
@@ -135,8 +137,8 @@ def train_target(
             convs.append(conversation(rng.randrange(EVAL_SEED_START), persona, sched.turns))
         return lm_loss(model, encoder.batch(convs))
 
-    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": sched.target_lr}]
-    run_steps("target", params, steps, loss_fn, log)
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    run_steps("target" if phase == 0 else f"target-phase{phase + 1}", params, steps, loss_fn, log)
 
 
 def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

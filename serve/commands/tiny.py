@@ -23,13 +23,23 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=CHECKPOINTS, help="folder for tiny-target/ and tiny-drafter/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=300, help="evaluation samples for the model cards")
+    p.add_argument("--resume-target", type=Path, help="target checkpoint saved after --phases-done phases")
+    p.add_argument("--phases-done", type=int, default=1, help="target phases the resumed checkpoint has")
 
 
 def _train(args: argparse.Namespace) -> int:
     from models.tiny.pipeline import train_tiny
     from models.tiny.recipe import Recipe
 
-    summary = train_tiny(_writable_folder(args.out), Recipe(seed=args.seed), eval_n=args.eval_n)
+    resume = None
+    if args.resume_target is not None:
+        phases = len(Recipe().schedule.target_phases)
+        if not 1 <= args.phases_done < phases:
+            raise ValueError(f"--phases-done must be between 1 and {phases - 1}, got {args.phases_done}")
+        resume = (args.resume_target, args.phases_done)
+    summary = train_tiny(
+        _writable_folder(args.out), Recipe(seed=args.seed), eval_n=args.eval_n, resume=resume
+    )
     print(json.dumps(summary["metrics"]))
     return 0
 
