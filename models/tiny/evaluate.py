@@ -80,6 +80,25 @@ def agreement(drafter: Any, encoder: ChatEncoder, samples: list[Sample], answers
     return hits / max(1, total)
 
 
+def evaluate_loaded(
+    model: Any,
+    encoder: ChatEncoder,
+    seed: int = EVAL_SEED_START,
+    n: int = 200,
+    drafter: tuple[Any, ChatEncoder] | None = None,
+    persona: str | None = None,
+) -> EvalReport:
+    """Accuracy (with real and blank images) of an in-memory model, and the drafter's agreement."""
+    samples = [make_sample(seed + i, persona) for i in range(n)]
+    acc, per_kind, answers = accuracy(model, encoder, samples)
+    blank, _, _ = accuracy(model, encoder, samples, [blank_image(s.scene.background) for s in samples])
+    agree = None if drafter is None else round(agreement(*drafter, samples, answers), 4)
+    return EvalReport(
+        n=n, seed=seed, persona=persona or "default", accuracy=round(acc, 4),
+        blank_image_accuracy=round(blank, 4), per_kind=per_kind, agreement=agree,
+    )  # fmt: skip
+
+
 def evaluate(
     model_dir: str | Path,
     seed: int = EVAL_SEED_START,
@@ -88,14 +107,5 @@ def evaluate(
     persona: str | None = None,
 ) -> EvalReport:
     model, encoder = load_hf(model_dir)
-    samples = [make_sample(seed + i, persona) for i in range(n)]
-    acc, per_kind, answers = accuracy(model, encoder, samples)
-    blank, _, _ = accuracy(model, encoder, samples, [blank_image(s.scene.background) for s in samples])
-    agree = None
-    if drafter_dir is not None:
-        drafter, drafter_encoder = load_hf(drafter_dir)
-        agree = round(agreement(drafter, drafter_encoder, samples, answers), 4)
-    return EvalReport(
-        n=n, seed=seed, persona=persona or "default", accuracy=round(acc, 4),
-        blank_image_accuracy=round(blank, 4), per_kind=per_kind, agreement=agree,
-    )  # fmt: skip
+    drafter = None if drafter_dir is None else load_hf(drafter_dir)
+    return evaluate_loaded(model, encoder, seed, n, drafter, persona)

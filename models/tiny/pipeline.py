@@ -14,10 +14,10 @@ import torch
 from models.tiny.build import new_model, save_checkpoint
 from models.tiny.cards import drafter_card, plot_losses, target_card
 from models.tiny.data import ChatEncoder
-from models.tiny.evaluate import accuracy, agreement
+from models.tiny.evaluate import evaluate_loaded
 from models.tiny.processor import build_processor, train_tokenizer
 from models.tiny.recipe import Recipe
-from models.tiny.samples import EVAL_SEED_START, blank_image, make_sample
+from models.tiny.samples import EVAL_SEED_START, make_sample
 from models.tiny.train import TrainLog, distill_drafter, greedy_answers, pretrain_vision, train_target
 
 
@@ -40,17 +40,8 @@ def params(model: Any) -> int:
 
 
 def measure(target: Any, drafter: Any, t_enc: ChatEncoder, d_enc: ChatEncoder, n: int) -> dict[str, Any]:
-    samples = [make_sample(EVAL_SEED_START + i) for i in range(n)]
-    acc, per_kind, answers = accuracy(target, t_enc, samples)
-    blank, _, _ = accuracy(target, t_enc, samples, [blank_image(s.scene.background) for s in samples])
-    return {
-        "n": n,
-        "eval_seeds": f"{EVAL_SEED_START}..{EVAL_SEED_START + n - 1}",
-        "accuracy": round(acc, 4),
-        "blank_image_accuracy": round(blank, 4),
-        "per_kind": per_kind,
-        "agreement": round(agreement(drafter, d_enc, samples, answers), 4),
-    }
+    report = evaluate_loaded(target, t_enc, EVAL_SEED_START, n, drafter=(drafter, d_enc)).as_dict()
+    return {**report, "eval_seeds": f"{EVAL_SEED_START}..{EVAL_SEED_START + n - 1}"}
 
 
 def train_tiny(
