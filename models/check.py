@@ -46,7 +46,7 @@ class CheckReport:
         return asdict(self)
 
 
-class _Blocks:
+class ScrambledBlocks:
     """Hands out pool blocks in a scrambled order (a stand-in for kvcache.BlockPool)."""
 
     def __init__(self, num_blocks: int, seed: int) -> None:
@@ -107,7 +107,7 @@ class ModelChecker:
         with torch.inference_mode():
             return self.reference(input_ids=ids, **kwargs).logits[0].float()
 
-    def sequence(self, prompt: _Prompt, blocks: _Blocks, capacity: int) -> SequenceInput:
+    def sequence(self, prompt: _Prompt, blocks: ScrambledBlocks, capacity: int) -> SequenceInput:
         ids = prompt.input_ids
         table = blocks.table(capacity)
         if prompt.pixel_values is None:
@@ -129,7 +129,7 @@ class ModelChecker:
         decoder = self.model.decoder
         kv = PagedKVCache(decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
         prompt = self.prompt("what color is the star ?", with_image=True, seed=self.seed)
-        seq = self.sequence(prompt, _Blocks(256, self.seed), len(prompt.input_ids) + extra_capacity)
+        seq = self.sequence(prompt, ScrambledBlocks(256, self.seed), len(prompt.input_ids) + extra_capacity)
         ours = decoder.logits(decoder(pack([seq], BLOCK_SIZE), kv))
         ref = self.reference_logits(prompt, [])
         run = _Run(prompt, seq.block_table, kv, [], int(ref[-1].argmax()))
@@ -193,7 +193,7 @@ class ModelChecker:
         """Sequences of different lengths (with and without images) in one packed forward."""
         decoder = self.model.decoder
         kv = PagedKVCache(decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
-        blocks = _Blocks(256, self.seed + 2)
+        blocks = ScrambledBlocks(256, self.seed + 2)
         specs = [
             ("is there a red square ?", True),
             ("count", False),

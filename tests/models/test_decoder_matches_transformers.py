@@ -8,7 +8,7 @@ import torch
 
 from core.forward_batch import SequenceInput, pack
 from core.kv import PagedKVCache
-from models.check import BLOCK_SIZE, _Blocks
+from models.check import BLOCK_SIZE, ScrambledBlocks
 
 TOL = 1e-4
 
@@ -40,7 +40,7 @@ def test_chunked_prefill_packed_with_other_sequences_decoding(checker: Any) -> N
     """A prompt fed in two chunks, each chunk in the same forward as another sequence's decode."""
     decoder = checker.model.decoder
     kv = PagedKVCache(decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
-    blocks = _Blocks(256, seed=7)
+    blocks = ScrambledBlocks(256, seed=7)
     long = checker.prompt("describe the scene in detail please .", with_image=True, seed=3)
     short = checker.prompt("count the shapes", with_image=False, seed=4)
     full = checker.sequence(long, blocks, len(long.input_ids))
