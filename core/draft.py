@@ -1,0 +1,58 @@
+"""What the scheduler asks of the drafter for one request, and the tree it gets back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.prompt import Prompt
+from core.sampling import SamplingParams
+from core.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class DraftBudget:
+    """How big a tree one request may get this step, and how much of its image the drafter sees."""
+
+    max_nodes: int  # tree nodes after the root; 0 = no speculation this step
+    max_depth: int  # longest root-to-leaf path
+    compression: float = 1.0  # fraction r of the drafter's visual tokens kept (fixed at admission)
+
+    def __post_init__(self) -> None:
+        if self.max_nodes < 0 or self.max_depth < 0:
+            raise ValueError(f"draft budget must be >= 0, got {self.max_nodes} nodes, depth {self.max_depth}")
+        if (self.max_nodes == 0) != (self.max_depth == 0):
+            raise ValueError("max_nodes and max_depth must both be 0 or both be positive")
+        if not 0 < self.compression <= 1:
+            raise ValueError(f"compression must be in (0, 1], got {self.compression}")
+
+
+NO_DRAFT = DraftBudget(max_nodes=0, max_depth=0)
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    request_id: int
+    prompt: Prompt
+    output_ids: tuple[int, ...]  # every verified output token; the last one is the tree's root
+    budget: DraftBudget
+    sampling: SamplingParams
+
+    def __post_init__(self) -> None:
+        if self.budget.max_nodes == 0:
+            raise ValueError(f"request {self.request_id}: a draft request needs a positive budget")
+
+
+@dataclass(frozen=True)
+class DraftProposal:
+    request_id: int
+    tree: DraftTree  # nodes after the root (the last verified token)
+    # [num_nodes + 1, vocab] float32: row 0 the distribution the root's children were drawn from,
+    # row i + 1 that of node i's children; None for greedy requests (children are argmax picks)
+    draft_probs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        rows = self.tree.num_nodes + 1
+        if self.draft_probs is not None and self.draft_probs.shape[0] != rows:
+            raise ValueError(f"draft_probs has {self.draft_probs.shape[0]} rows for {rows} tree rows")

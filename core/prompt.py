@@ -1,0 +1,67 @@
+"""A request's prompt as both models receive it: token ids with one placeholder per image.
+
+Each model expands an image placeholder into its own number of visual tokens (the target and the
+drafter have different vision towers), so the prompt carries the images themselves, not any one
+model's expansion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def image_digest(image: Any) -> str:
+    """SHA-256 of an image's mode, size and pixels (a PIL image), the identity caches key on."""
+    h = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    token_ids: tuple[int, ...]  # [n] with ``image_token_id`` once per image, in image order
+    images: tuple[Any, ...] = ()  # PIL RGB images, one per placeholder
+    image_token_id: int = -1  # the placeholder id (unused when there are no images)
+    digests: tuple[str, ...] = field(default=(), compare=False)  # image_digest per image
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise ValueError("a prompt needs at least one token")
+        placeholders = sum(1 for t in self.token_ids if t == self.image_token_id)
+        if placeholders != len(self.images):
+            raise ValueError(
+                f"prompt has {placeholders} image placeholders but {len(self.images)} images; "
+                "put exactly one image token per image (the model expands it)"
+            )
+        if not self.digests and self.images:
+            object.__setattr__(self, "digests", tuple(image_digest(i) for i in self.images))
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt as one model feeds it: image placeholders expanded, visual embeddings computed."""
+
+    token_ids: torch.Tensor  # [n] int64
+    positions: torch.Tensor  # [n] int64 (gaps where compression dropped visual tokens)
+    embeds: torch.Tensor | None  # [m, hidden] visual embeddings
+    embed_index: torch.Tensor | None  # [m] int64 rows of token_ids they replace, increasing
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def chunk(self, start: int, end: int) -> EncodedPrompt:
+        """Rows ``[start, end)`` with the embeddings that fall inside, re-indexed to the chunk."""
+        if self.embeds is None or self.embed_index is None:
+            return EncodedPrompt(self.token_ids[start:end], self.positions[start:end], None, None)
+        inside = (self.embed_index >= start) & (self.embed_index < end)
+        return EncodedPrompt(
+            self.token_ids[start:end],
+            self.positions[start:end],
+            self.embeds[inside] if bool(inside.any()) else None,
+            self.embed_index[inside] - start if bool(inside.any()) else None,
+        )

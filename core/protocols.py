@@ -1,0 +1,36 @@
+"""The two roles the scheduler drives each step; it reaches models only through these."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from core.draft import DraftProposal, DraftRequest
+from core.verify import VerifyItem, VerifyOutcome
+
+
+class Drafter(Protocol):
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+        """One draft tree per request, in order, each within its budget, grown from the last
+        verified token (``output_ids[-1]``). The drafter keeps its own KV per request and brings
+        it up to date from ``prompt`` and ``output_ids`` (a request it has not seen, or has
+        released, is prefilled from scratch). For sampling requests, children are drawn without
+        replacement from the ``draft_probs`` it reports. Leaves no tree KV behind."""
+        ...
+
+    def release(self, request_id: int) -> None:
+        """Forget a request (finished, aborted or preempted) and free its KV; unknown ids are fine."""
+        ...
+
+    def check_integrity(self) -> None:
+        """Raise if the drafter's KV bookkeeping is inconsistent."""
+        ...
+
+
+class Verifier(Protocol):
+    def verify(self, items: Sequence[VerifyItem]) -> list[VerifyOutcome]:
+        """Run every item in one target forward, writing KV for all its tokens and tree nodes at
+        the slots of its block table, and decide each emitting item's tokens (greedy or by
+        recursive rejection). Returns one outcome per item, in order. Does not free or move KV:
+        the caller commits the accepted nodes."""
+        ...

@@ -1,0 +1,206 @@
+"""The shared drafter as a :class:`core.protocols.Drafter`: trees for many requests at once.
+
+Per step and for all requests together: one forward that brings each request's drafter KV up to
+date (its prompt the first time, then the tokens verified since) and yields the root's
+distribution, then one forward per tree depth. A level's forward carries each request's nodes
+chosen so far with their ancestor mask, written after the committed KV; when the tree is done
+those entries are dropped again, so the pool only ever keeps verified tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from core.draft import DraftProposal, DraftRequest
+from core.forward_batch import SequenceInput, pack
+from core.prompt import EncodedPrompt
+from core.sampling import probs_from_logits
+from core.tree import ROOT
+from drafter_pool.compression import get_compressor
+from drafter_pool.tree_search import TreeGrower, TreeShape
+from kvcache.block_pool import BlockPool, IntegrityError, OutOfBlocksError
+from kvcache.sequence_blocks import SequenceBlocks
+from models.loader import LoadedModel
+from models.prompt_encoder import PromptEncoder
+
+DRAFT_SEED_SALT = 0x5EED_D4AF  # the drafter's stream differs from the verifier's for one seed
+
+
+@dataclass
+class _Drafting:
+    """A request the drafter holds KV for."""
+
+    blocks: SequenceBlocks
+    num_outputs: int  # output tokens whose KV is committed
+    next_position: int  # RoPE position of the next token
+    generator: torch.Generator
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One request's part of a depth-level forward."""
+
+    grower: TreeGrower
+    state: _Drafting
+    nodes: list[int]  # forwarded nodes (frontier and ancestors), node order
+    frontier: list[int]
+
+
+class DrafterPool:
+    def __init__(
+        self,
+        model: LoadedModel,
+        num_blocks: int = 4096,
+        block_size: int = 16,
+        shape: TreeShape | None = None,
+        compression: str = "salient",
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.pool = BlockPool(model.decoder.kv_layout(num_blocks, block_size))
+        self.encoder = PromptEncoder(model)
+        self.shape = shape or TreeShape()
+        self.compress = get_compressor(compression)
+        self.states: dict[int, _Drafting] = {}
+        self._seeds = random.Random(seed)
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+        if not requests:
+            return []
+        growers = self._catch_up(requests)
+        jobs = [(g, self.states[r.request_id]) for g, r in zip(growers, requests, strict=True)]
+        levels = self._next_levels(jobs)
+        while levels:
+            self._forward_level(levels)
+            levels = self._next_levels([(lv.grower, lv.state) for lv in levels])
+        for req in requests:
+            self.states[req.request_id].blocks.commit(0, ())  # drop the tree's KV
+        return [g.proposal(r.request_id) for g, r in zip(growers, requests, strict=True)]
+
+    def release(self, request_id: int) -> None:
+        state = self.states.pop(request_id, None)
+        if state is not None:
+            state.blocks.release()
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        for rid, state in self.states.items():
+            state.blocks.check_integrity()
+            if state.blocks.capacity - state.blocks.num_tokens >= self.pool.block_size:
+                raise IntegrityError(f"request {rid} holds drafter blocks past its committed KV")
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    # -- the catch-up forward -------------------------------------------------------------
+
+    def _catch_up(self, requests: Sequence[DraftRequest]) -> list[TreeGrower]:
+        """Write every request's missing KV; return a grower with the root's children added."""
+        seqs = [self._pending(req) for req in requests]
+        batch = pack(seqs, self.pool.block_size)
+        hidden = self.model.decoder(batch, self.pool.kv)
+        logits = self.model.decoder.logits(hidden[batch.last_token_rows()])
+        growers = []
+        for req, seq, row in zip(requests, seqs, logits, strict=True):
+            state = self.states[req.request_id]
+            state.blocks.commit(seq.num_new, range(seq.num_new))
+            self._reserve(req.request_id, self._max_tree_rows(req))  # the tree's rows, dropped later
+            state.num_outputs = len(req.output_ids)
+            state.next_position = int(seq.positions[-1]) + 1
+            grower = TreeGrower(req.budget, self.shape, req.sampling, state.generator)
+            grower.expand(ROOT, probs_from_logits(row[None], req.sampling)[0])
+            growers.append(grower)
+        return growers
+
+    def _pending(self, req: DraftRequest) -> SequenceInput:
+        """The tokens of ``req`` that the drafter has no KV for, reserved in its block table."""
+        state = self.states.get(req.request_id)
+        outputs = torch.tensor(req.output_ids, dtype=torch.long)
+        if state is None:
+            state = self._admit(req)
+            prompt = self._encode(req)
+            tokens = torch.cat([prompt.token_ids, outputs])
+            last = int(prompt.positions[-1])
+            positions = torch.cat([prompt.positions, last + 1 + torch.arange(len(outputs))])
+            embeds, embed_index = prompt.embeds, prompt.embed_index
+        else:
+            tokens = outputs[state.num_outputs :]
+            positions = state.next_position + torch.arange(len(tokens))
+            embeds = embed_index = None
+        if len(tokens) == 0:
+            raise ValueError(f"request {req.request_id}: no new verified token since the last draft")
+        self._reserve(req.request_id, len(tokens))
+        return SequenceInput(
+            tokens, positions, state.blocks.block_table, state.blocks.num_tokens,
+            embeds=embeds, embed_index=embed_index,
+        )  # fmt: skip
+
+    def _admit(self, req: DraftRequest) -> _Drafting:
+        seed = req.sampling.seed
+        seed = self._seeds.getrandbits(63) if seed is None else seed ^ DRAFT_SEED_SALT
+        state = _Drafting(SequenceBlocks(self.pool), 0, 0, torch.Generator().manual_seed(seed))
+        self.states[req.request_id] = state
+        return state
+
+    def _encode(self, req: DraftRequest) -> EncodedPrompt:
+        ratio = req.budget.compression
+        select = None if ratio >= 1 else (lambda v: self.compress(v, ratio))
+        return self.encoder.encode(req.prompt, select)
+
+    def _max_tree_rows(self, req: DraftRequest) -> int:
+        return self.shape.width * 2 * max(req.budget.max_depth - 1, 0)
+
+    def _reserve(self, request_id: int, n: int) -> None:
+        blocks = self.states[request_id].blocks
+        if not blocks.can_reserve(n):
+            self.release(request_id)
+            raise OutOfBlocksError(
+                f"the drafter pool has {self.pool.num_free_blocks} free blocks, too few for request "
+                f"{request_id}; give the drafter pool more blocks"
+            )
+        blocks.reserve(n)
+
+    # -- depth levels ---------------------------------------------------------------------
+
+    def _next_levels(self, jobs: list[tuple[TreeGrower, _Drafting]]) -> list[_Level]:
+        levels = []
+        for grower, state in jobs:
+            frontier = grower.frontier()
+            if frontier:
+                levels.append(_Level(grower, state, grower.with_ancestors(frontier), frontier))
+        return levels
+
+    def _forward_level(self, levels: list[_Level]) -> None:
+        seqs = [self._level_input(lv) for lv in levels]
+        batch = pack(seqs, self.pool.block_size)
+        hidden = self.model.decoder(batch, self.pool.kv)
+        rows, owners = [], []
+        for lv, start in zip(levels, batch.query_starts.tolist(), strict=False):
+            place = {node: i for i, node in enumerate(lv.nodes)}
+            rows.extend(start + place[node] for node in lv.frontier)
+            owners.extend((lv, node) for node in lv.frontier)
+        logits = self.model.decoder.logits(hidden[torch.tensor(rows)])
+        for (lv, node), row in zip(owners, logits, strict=True):
+            lv.grower.expand(node, probs_from_logits(row[None], lv.grower.sampling)[0])
+
+    def _level_input(self, lv: _Level) -> SequenceInput:
+        g, state = lv.grower, lv.state
+        place = {node: i for i, node in enumerate(lv.nodes)}
+        mask = torch.eye(len(lv.nodes), dtype=torch.bool)
+        for i, node in enumerate(lv.nodes):
+            parent = g.parent_of(node)
+            if parent != ROOT:
+                mask[i] |= mask[place[parent]]
+        root_position = state.next_position - 1
+        return SequenceInput(
+            token_ids=torch.tensor([g.token_of(n) for n in lv.nodes], dtype=torch.long),
+            positions=torch.tensor([root_position + g.depth_of(n) for n in lv.nodes], dtype=torch.long),
+            block_table=state.blocks.block_table,
+            num_cached=state.blocks.num_tokens,
+            attention_mask=mask,
+        )

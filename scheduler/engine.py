@@ -1,0 +1,143 @@
+"""The engine: a scheduler, a verifier and (optionally) a drafter, stepped together.
+
+In-process form of what the Ray Serve deployments host. ``step`` is the whole algorithm:
+schedule, propose, verify, update. Text and stop strings are handled here, after the tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from core.plan import RequestOutput, RequestStats
+from core.prompt import EncodedPrompt, Prompt
+from core.protocols import Drafter, Verifier
+from core.sampling import SamplingParams
+from scheduler.request import RequestState
+from scheduler.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: int
+    token_ids: tuple[int, ...]  # generated tokens (an end-of-turn token included when produced)
+    text: str  # detokenized, cut before a stop string
+    finish_reason: str
+    stats: RequestStats
+    ttft_s: float  # time to the first token
+    time_s: float  # time to the last token
+
+
+@dataclass
+class _Tracking:
+    started: float
+    text: str = ""
+    first_token_at: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        verifier: Verifier,
+        drafter: Drafter | None,
+        encode: Callable[[Prompt], EncodedPrompt],
+        detokenize: Callable[[list[int]], str],
+        eos_token_ids: frozenset[int],
+        seed: int = 0,
+        compression: float = 1.0,
+    ) -> None:
+        self.scheduler, self.verifier, self.drafter = scheduler, verifier, drafter
+        self.encode, self.detokenize, self.eos_token_ids = encode, detokenize, eos_token_ids
+        self.compression = compression
+        self._ids = itertools.count()
+        self._seeds = random.Random(seed)
+        self._tracking: dict[int, _Tracking] = {}
+
+    def add_request(self, prompt: Prompt, sampling: SamplingParams, compression: float | None = None) -> int:
+        """Queue a request and return its id; ``ValueError`` for a request that cannot run."""
+        request_id = next(self._ids)
+        seed = self._seeds.getrandbits(63) if sampling.seed is None else sampling.seed
+        ratio = self.compression if compression is None else compression
+        if not 0 < ratio <= 1:
+            raise ValueError(f"compression must be in (0, 1], got {ratio}")
+        state = RequestState(
+            request_id=request_id,
+            prompt=prompt,
+            encoded=self.encode(prompt),
+            sampling=sampling,
+            compression=ratio,
+            generator=torch.Generator().manual_seed(seed),
+            eos_token_ids=self.eos_token_ids,
+        )
+        self.scheduler.add(state)
+        self._tracking[request_id] = _Tracking(started=time.perf_counter())
+        return request_id
+
+    def abort(self, request_id: int) -> RequestOutput | None:
+        self._tracking.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        proposals = self.drafter.propose(plan.drafts) if plan.drafts and self.drafter else []
+        outcomes = self.verifier.verify(plan.with_trees(proposals))
+        return [self._with_text(out) for out in self.scheduler.update(plan, outcomes)]
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """Run ``prompts`` to completion together (continuous batching); results in order."""
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        ids = [self.add_request(p, s) for p, s in zip(prompts, params, strict=True)]
+        done: dict[int, Completion] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = self.completion(out)
+        return [done[i] for i in ids]
+
+    def completion(self, out: RequestOutput) -> Completion:
+        """The finished request's result (call once, with its final output)."""
+        track = self._tracking.pop(out.request_id)
+        now = time.perf_counter()
+        first = track.first_token_at or now
+        return Completion(
+            request_id=out.request_id,
+            token_ids=tuple(track.token_ids),
+            text=track.text,
+            finish_reason=out.finish_reason or "stop",
+            stats=out.stats,
+            ttft_s=first - track.started,
+            time_s=now - track.started,
+        )
+
+    def _with_text(self, out: RequestOutput) -> RequestOutput:
+        """Detokenize the new tokens; end the request at the first stop string."""
+        track = self._tracking.get(out.request_id)
+        if track is None:  # aborted meanwhile
+            return out
+        if out.new_token_ids and track.first_token_at is None:
+            track.first_token_at = time.perf_counter()
+        track.token_ids.extend(out.new_token_ids)
+        text = self.detokenize(track.token_ids)
+        stops = self.scheduler.requests[out.request_id].sampling.stop
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            if not out.finished:
+                self.scheduler.finish(out.request_id, "stop")
+            out = replace(out, finished=True, finish_reason="stop")
+        delta, track.text = text[len(track.text) :], text
+        return replace(out, text=delta)

@@ -1,0 +1,84 @@
+"""A request as the scheduler tracks it between steps."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from core.plan import RequestStats
+from core.prompt import EncodedPrompt, Prompt
+from core.sampling import SamplingParams
+from kvcache.sequence_blocks import SequenceBlocks
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # no KV (new, or preempted: its output so far is recomputed)
+    RUNNING = "running"  # holds KV blocks
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestState:
+    request_id: int
+    prompt: Prompt
+    encoded: EncodedPrompt  # the target's view of the prompt
+    sampling: SamplingParams
+    compression: float  # drafter visual-token ratio, fixed at admission
+    generator: torch.Generator
+    eos_token_ids: frozenset[int]
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    blocks: SequenceBlocks | None = None
+    finish_reason: str | None = None
+    verify_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    preemptions: int = 0
+
+    @property
+    def num_prompt(self) -> int:
+        return self.encoded.num_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output: the sequence whose KV the target needs."""
+        return self.num_prompt + len(self.output_ids)
+
+    @property
+    def num_computed(self) -> int:
+        return 0 if self.blocks is None else self.blocks.num_tokens
+
+    @property
+    def num_missing(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.sampling.max_tokens - len(self.output_ids)
+
+    def stats(self) -> RequestStats:
+        return RequestStats(
+            prompt_tokens=self.num_prompt,
+            output_tokens=len(self.output_ids),
+            verify_steps=self.verify_steps,
+            draft_tokens=self.draft_tokens,
+            accepted_tokens=self.accepted_tokens,
+        )
+
+    def chunk(self, n: int) -> EncodedPrompt:
+        """The next ``n`` missing tokens (prompt rows with their image embeddings, then outputs)."""
+        start, end = self.num_computed, self.num_computed + n
+        parts = self.encoded.chunk(start, min(end, self.num_prompt)) if start < self.num_prompt else None
+        outputs = self.output_ids[max(start - self.num_prompt, 0) : end - self.num_prompt]
+        out_ids = torch.tensor(outputs, dtype=torch.long)
+        out_pos = torch.arange(max(start, self.num_prompt), max(start, self.num_prompt) + len(outputs))
+        if parts is None:
+            return EncodedPrompt(out_ids, out_pos, None, None)
+        return EncodedPrompt(
+            torch.cat([parts.token_ids, out_ids]),
+            torch.cat([parts.positions, out_pos]),
+            parts.embeds,
+            parts.embed_index,
+        )

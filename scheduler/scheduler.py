@@ -1,0 +1,241 @@
+"""Who runs each step, with how many tokens and how big a tree; and what to do with the result.
+
+There is no prefill phase: a request's next item is simply its missing tokens (the whole prompt
+in chunks of at most the step's token budget, then one token per step), and an item that reaches
+the end of its sequence samples and may carry a draft tree. Requests keep their arrival order:
+the oldest runs first, and when KV blocks run out the newest running request is preempted (its
+blocks freed, its output kept and recomputed when it is admitted again), so no request is lost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from core.draft import NO_DRAFT, DraftBudget, DraftRequest
+from core.plan import RequestOutput, StepPlan
+from core.verify import VerifyItem, VerifyOutcome
+from kvcache.block_pool import BlockPool, IntegrityError
+from kvcache.sequence_blocks import SequenceBlocks
+from scheduler.policies import DraftPolicy, StepLoad
+from scheduler.request import RequestState, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_tokens: int = 512  # tokens per verifier forward: chunks, last tokens and tree nodes
+    max_running: int = 64  # requests holding KV at once
+    max_model_len: int = 1024  # the target's context window (positions)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_model_len < 2:
+            raise ValueError(f"invalid scheduler config {self}")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: BlockPool,
+        policy: DraftPolicy,
+        config: SchedulerConfig | None = None,
+        on_release: Callable[[int], None] = lambda request_id: None,
+    ) -> None:
+        self.pool, self.policy, self.config = pool, policy, config or SchedulerConfig()
+        self.on_release = on_release  # told when a request's KV is dropped (the drafter frees its own)
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.requests: dict[int, RequestState] = {}
+        self._budgets: dict[int, DraftBudget] = {}
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add(self, req: RequestState) -> None:
+        """Queue a new request; raises ``ValueError`` if it can never fit."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id} is already in use")
+        total = req.num_prompt + req.sampling.max_tokens
+        if total > self.config.max_model_len:
+            raise ValueError(
+                f"prompt ({req.num_prompt} tokens, images expanded) plus max_tokens "
+                f"({req.sampling.max_tokens}) is {total}, beyond the {self.config.max_model_len}-token "
+                "context window; shorten the prompt or lower max_tokens"
+            )
+        if -(-total // self.pool.block_size) > self.pool.num_blocks:
+            raise ValueError(f"request needs {total} KV entries, more than the whole KV pool holds")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: int) -> RequestOutput | None:
+        """Stop a request now; returns its final output, or None if it is unknown or finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is Status.FINISHED:
+            return None
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+        self._finish(req, "abort")
+        return RequestOutput(request_id, (), True, "abort", req.stats())
+
+    def finish(self, request_id: int, reason: str) -> None:
+        """End a running or waiting request for a reason found outside (e.g. a stop string)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.status is not Status.FINISHED:
+            if req.status is Status.WAITING:
+                self.waiting.remove(req)
+            self._finish(req, reason)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        chosen, tokens_left = self._choose_chunks()
+        sampling = [(r, n) for r, n in chosen if n == r.num_missing]
+        budget = self.policy.budget(StepLoad(len(sampling), sum(n for _, n in chosen) - len(sampling)))
+        drafts = []
+        self._budgets = {}
+        for req, n in sampling:
+            fitted = self._fit(req, budget, tokens_left)
+            if fitted.max_nodes and req.blocks is not None and req.blocks.can_reserve(n + fitted.max_nodes):
+                req.blocks.reserve(n + fitted.max_nodes)
+                tokens_left -= fitted.max_nodes
+                self._budgets[req.request_id] = fitted
+                drafts.append(
+                    DraftRequest(req.request_id, req.prompt, tuple(req.output_ids), fitted, req.sampling)
+                )
+        items = tuple(self._item(req, n, emits=n == req.num_missing) for req, n in chosen)
+        return StepPlan(items, tuple(drafts))
+
+    def update(self, plan: StepPlan, outcomes: Sequence[VerifyOutcome]) -> list[RequestOutput]:
+        """Commit each request's accepted KV, append its tokens, finish what is done."""
+        outputs = []
+        for item, out in zip(plan.items, outcomes, strict=True):
+            req = self.requests[item.request_id]
+            n = int(item.token_ids.shape[0])
+            assert req.blocks is not None
+            req.blocks.commit(n + out.num_draft, [*range(n), *(n + a for a in out.accepted_nodes)])
+            if not item.emits:
+                continue
+            req.verify_steps += 1
+            req.draft_tokens += out.num_draft
+            req.accepted_tokens += len(out.accepted_nodes)
+            self.policy.observe(self._budgets.get(req.request_id, NO_DRAFT), len(out.accepted_nodes))
+            tokens, reason = self._truncate(req, list(out.tokens))
+            req.output_ids.extend(tokens)
+            if reason is not None:
+                self._finish(req, reason)
+            outputs.append(
+                RequestOutput(req.request_id, tuple(tokens), reason is not None, reason, req.stats())
+            )
+        return outputs
+
+    def check_integrity(self) -> None:
+        """Raise ``IntegrityError`` unless every used block belongs to a running request."""
+        self.pool.check_integrity()
+        held: set[int] = set()
+        for req in self.running:
+            if req.blocks is None or req.status is not Status.RUNNING:
+                raise IntegrityError(f"running request {req.request_id} has no blocks")
+            req.blocks.check_integrity()
+            held.update(req.blocks.blocks)
+        used = self.pool.num_blocks - self.pool.num_free_blocks
+        if len(held) != used:
+            raise IntegrityError(f"{used} blocks in use but running requests hold {len(held)}")
+        if any(r.blocks is not None for r in self.waiting):
+            raise IntegrityError("a waiting request holds blocks")
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _choose_chunks(self) -> tuple[list[tuple[RequestState, int]], int]:
+        """Running requests first (oldest first), then admissions, within the token budget."""
+        chosen: list[tuple[RequestState, int]] = []
+        tokens_left = self.config.max_batch_tokens
+        for req in list(self.running):
+            if req.status is not Status.RUNNING or tokens_left == 0:
+                continue
+            n = min(req.num_missing, tokens_left)
+            if self._reserve_or_preempt(req, n):
+                chosen.append((req, n))
+                tokens_left -= n
+        while self.waiting and tokens_left > 0 and len(self.running) < self.config.max_running:
+            req = self.waiting[0]
+            n = min(req.num_missing, tokens_left)
+            blocks = SequenceBlocks(self.pool)
+            if not blocks.can_reserve(n):
+                break
+            blocks.reserve(n)
+            self.waiting.popleft()
+            req.blocks, req.status = blocks, Status.RUNNING
+            self.running.append(req)
+            chosen.append((req, n))
+            tokens_left -= n
+        return chosen, tokens_left
+
+    def _reserve_or_preempt(self, req: RequestState, n: int) -> bool:
+        """Reserve ``n`` entries for ``req``, preempting the newest requests until they fit;
+        False when ``req`` itself had to be preempted."""
+        assert req.blocks is not None
+        while not req.blocks.can_reserve(n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        req.blocks.reserve(n)
+        return True
+
+    def _preempt(self, req: RequestState) -> None:
+        assert req.blocks is not None
+        req.blocks.release()
+        req.blocks, req.status = None, Status.WAITING
+        req.preemptions += 1
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self.on_release(req.request_id)
+
+    def _fit(self, req: RequestState, budget: DraftBudget, tokens_left: int) -> DraftBudget:
+        """``budget`` cut to the tokens left this step, the tokens the request may still emit
+        and the context window (tree node positions run past the last token)."""
+        depth = min(budget.max_depth, req.remaining_tokens - 1, self.config.max_model_len - req.num_tokens)
+        nodes = min(budget.max_nodes, tokens_left)
+        depth = min(depth, nodes)
+        if depth <= 0:
+            return NO_DRAFT
+        return DraftBudget(max_nodes=nodes, max_depth=depth, compression=req.compression)
+
+    def _item(self, req: RequestState, n: int, emits: bool) -> VerifyItem:
+        assert req.blocks is not None
+        chunk = req.chunk(n)
+        return VerifyItem(
+            request_id=req.request_id,
+            token_ids=chunk.token_ids,
+            num_cached=req.num_computed,
+            block_table=req.blocks.block_table,
+            sampling=req.sampling,
+            emits=emits,
+            embeds=chunk.embeds,
+            embed_index=chunk.embed_index,
+            generator=req.generator,
+        )
+
+    def _truncate(self, req: RequestState, tokens: list[int]) -> tuple[list[int], str | None]:
+        """Cut ``tokens`` after an end-of-turn token or at max_tokens; the finish reason if done."""
+        if not req.sampling.ignore_eos:
+            for i, token in enumerate(tokens):
+                if token in req.eos_token_ids:
+                    tokens = tokens[: i + 1]
+                    if len(tokens) <= req.remaining_tokens:
+                        return tokens, "stop"
+                    break
+        if len(tokens) >= req.remaining_tokens:
+            return tokens[: req.remaining_tokens], "length"
+        return tokens, None
+
+    def _finish(self, req: RequestState, reason: str) -> None:
+        if req.blocks is not None:
+            req.blocks.release()
+            req.blocks = None
+            self.on_release(req.request_id)
+        if req in self.running:
+            self.running.remove(req)
+        req.status, req.finish_reason = Status.FINISHED, reason

@@ -1,0 +1,140 @@
+"""Build an :class:`scheduler.engine.Engine` from checkpoint folders (the in-process wiring)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.forward_batch import SequenceInput, pack
+from drafter_pool.pool import DrafterPool
+from drafter_pool.tree_search import TreeShape
+from kvcache.block_pool import BlockPool
+from models.loader import LoadedModel, load_model
+from models.prompt_encoder import PromptEncoder
+from scheduler.cost import CostCurve, CostModel
+from scheduler.engine import Engine
+from scheduler.policies import make_policy
+from scheduler.scheduler import Scheduler, SchedulerConfig
+from verifier.target import TargetVerifier
+
+CALIBRATION_TOKENS = (1, 8, 32, 128, 512)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    policy: str = "load_aware"  # none | fixed | load_aware (plain decoding without a drafter)
+    fixed_nodes: int = 8  # the fixed policy's tree size (depth = nodes unless fixed_depth)
+    fixed_depth: int = 0
+    tree: TreeShape = field(default_factory=TreeShape)
+    compression: float = 1.0  # default drafter visual-token ratio
+    compression_method: str = "salient"
+    max_batch_tokens: int = 512
+    num_blocks: int = 2048  # target KV blocks
+    block_size: int = 16
+    dtype: str = "fp32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    engine: Engine
+    processor: Any  # the target's processor (chat template, tokenizer)
+    target: LoadedModel
+    drafter: LoadedModel | None
+
+
+def check_same_tokenizer(target: Any, drafter: Any, drafter_dir: Path) -> None:
+    if target.get_vocab() != drafter.get_vocab() or target.eos_token_id != drafter.eos_token_id:
+        raise ValueError(
+            f"the drafter in {drafter_dir} uses a different tokenizer than the target; "
+            "a drafter must share the target's vocabulary"
+        )
+
+
+def measure_cost(model: LoadedModel, pool: BlockPool, tokens: tuple[int, ...], repeats: int = 3) -> CostCurve:
+    """Milliseconds of one forward at each batch size, on scratch blocks of ``pool``."""
+    import time
+
+    ms = []
+    for n in tokens:
+        blocks = pool.allocate(-(-n // pool.block_size))
+        batch = pack(
+            [SequenceInput(torch.zeros(n, dtype=torch.long), torch.arange(n), tuple(blocks), 0)],
+            pool.block_size,
+        )
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model.decoder.logits(model.decoder(batch, pool.kv)[-1:])
+            times.append(time.perf_counter() - start)
+        pool.free(blocks)
+        ms.append(1000 * min(times[1:]))
+    return CostCurve(tokens, tuple(ms))
+
+
+def build_engine(
+    model_dir: str | Path, drafter_dir: str | Path | None = None, options: EngineOptions | None = None
+) -> BuiltEngine:
+    opts = options or EngineOptions()
+    target = load_model(model_dir, opts.dtype)
+    processor = target.processor()
+    pool = BlockPool(target.decoder.kv_layout(opts.num_blocks, opts.block_size))
+    drafter_model = drafter = None
+    if drafter_dir is not None:
+        drafter_model = load_model(drafter_dir, opts.dtype)
+        check_same_tokenizer(processor.tokenizer, drafter_model.processor().tokenizer, Path(drafter_dir))
+        drafter = DrafterPool(
+            drafter_model, shape=opts.tree, compression=opts.compression_method, seed=opts.seed
+        )
+    policy_name = opts.policy if drafter is not None else "none"
+    policy_options: dict[str, Any] = {}
+    if policy_name == "fixed":
+        policy_options = {"nodes": opts.fixed_nodes, "depth": opts.fixed_depth}
+    elif policy_name == "load_aware" and drafter_model is not None:
+        policy_options = {
+            "cost": CostModel(
+                measure_cost(target, pool, CALIBRATION_TOKENS),
+                measure_cost(drafter_model, drafter.pool, CALIBRATION_TOKENS[:4]),
+            )
+        }
+    text = target.hf_config.text_config if hasattr(target.hf_config, "text_config") else target.hf_config
+    scheduler = Scheduler(
+        pool,
+        make_policy(policy_name, **policy_options),
+        SchedulerConfig(
+            max_batch_tokens=opts.max_batch_tokens, max_model_len=int(text.max_position_embeddings)
+        ),
+        on_release=drafter.release if drafter is not None else (lambda request_id: None),
+    )
+    encoder = PromptEncoder(target, processor.image_processor if target.vision is not None else None)
+    tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+    engine = Engine(
+        scheduler,
+        TargetVerifier(target, pool.kv),
+        drafter,
+        encoder.encode,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        eos_token_ids(target, tokenizer),
+        seed=opts.seed,
+        compression=opts.compression,
+    )
+    return BuiltEngine(engine, processor, target, drafter_model)
+
+
+def eos_token_ids(model: LoadedModel, tokenizer: Any) -> frozenset[int]:
+    """The end-of-turn ids: the generation config's, else the tokenizer's."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(model.path, local_files_only=True)
+        eos = gen.eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    except OSError:
+        pass
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
