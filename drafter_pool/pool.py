@@ -18,7 +18,7 @@ import torch
 from core.draft import DraftProposal, DraftRequest
 from core.forward_batch import SequenceInput, pack
 from core.prompt import EncodedPrompt
-from core.sampling import probs_from_logits
+from core.sampling import SamplingParams, probs_from_logits
 from core.tree import ROOT
 from drafter_pool.compression import get_compressor
 from drafter_pool.tree_search import TreeGrower, TreeShape
@@ -28,6 +28,15 @@ from models.loader import LoadedModel
 from models.prompt_encoder import PromptEncoder
 
 DRAFT_SEED_SALT = 0x5EED_D4AF  # the drafter's stream differs from the verifier's for one seed
+
+
+def draft_distribution(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """``logits`` [vocab] -> the q a node's children come from. Sampling requests draw from the
+    request's own distribution; greedy ones take the argmax (and runner-up) of the plain softmax,
+    whose margins say how sure the drafter is (a one-hot would always look certain)."""
+    if sampling.greedy:
+        return torch.softmax(logits.float(), dim=-1)
+    return probs_from_logits(logits[None], sampling)[0]
 
 
 @dataclass
@@ -113,7 +122,7 @@ class DrafterPool:
             state.num_outputs = len(req.output_ids)
             state.next_position = int(seq.positions[-1]) + 1
             grower = TreeGrower(req.budget, self.shape, req.sampling, state.generator)
-            grower.expand(ROOT, probs_from_logits(row[None], req.sampling)[0])
+            grower.expand(ROOT, draft_distribution(row, req.sampling))
             growers.append(grower)
         return growers
 
@@ -186,7 +195,7 @@ class DrafterPool:
             owners.extend((lv, node) for node in lv.frontier)
         logits = self.model.decoder.logits(hidden[torch.tensor(rows)])
         for (lv, node), row in zip(owners, logits, strict=True):
-            lv.grower.expand(node, probs_from_logits(row[None], lv.grower.sampling)[0])
+            lv.grower.expand(node, draft_distribution(row, lv.grower.sampling))
 
     def _level_input(self, lv: _Level) -> SequenceInput:
         g, state = lv.grower, lv.state

@@ -71,7 +71,7 @@ class RequestState:
         """The next ``n`` missing tokens (prompt rows with their image embeddings, then outputs)."""
         start, end = self.num_computed, self.num_computed + n
         parts = self.encoded.chunk(start, min(end, self.num_prompt)) if start < self.num_prompt else None
-        outputs = self.output_ids[max(start - self.num_prompt, 0) : end - self.num_prompt]
+        outputs = self.output_ids[max(start - self.num_prompt, 0) : max(end - self.num_prompt, 0)]
         out_ids = torch.tensor(outputs, dtype=torch.long)
         out_pos = torch.arange(max(start, self.num_prompt), max(start, self.num_prompt) + len(outputs))
         if parts is None:

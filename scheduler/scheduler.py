@@ -90,22 +90,21 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        chosen, tokens_left = self._choose_chunks()
-        sampling = [(r, n) for r, n in chosen if n == r.num_missing]
-        budget = self.policy.budget(StepLoad(len(sampling), sum(n for _, n in chosen) - len(sampling)))
-        drafts = []
+        """Running requests first (oldest first) with their trees, then admissions with what
+        is left of the token budget; a tree is only drafted for an item that samples."""
         self._budgets = {}
-        for req, n in sampling:
-            fitted = self._fit(req, budget, tokens_left)
-            if fitted.max_nodes and req.blocks is not None and req.blocks.can_reserve(n + fitted.max_nodes):
-                req.blocks.reserve(n + fitted.max_nodes)
-                tokens_left -= fitted.max_nodes
-                self._budgets[req.request_id] = fitted
-                drafts.append(
-                    DraftRequest(req.request_id, req.prompt, tuple(req.output_ids), fitted, req.sampling)
-                )
-        items = tuple(self._item(req, n, emits=n == req.num_missing) for req, n in chosen)
-        return StepPlan(items, tuple(drafts))
+        running, tokens_left = self._schedule_running()
+        sampling = [(r, n) for r, n in running if n == r.num_missing]
+        waiting_tokens = min(sum(r.num_missing for r in self.waiting), tokens_left)
+        load = StepLoad(len(sampling), sum(n for _, n in running) - len(sampling) + waiting_tokens)
+        budget = self.policy.budget(load)
+        drafts, tokens_left = self._attach_trees(sampling, budget, tokens_left)
+        admitted, tokens_left = self._admit(tokens_left)
+        more, tokens_left = self._attach_trees(
+            [(r, n) for r, n in admitted if n == r.num_missing], budget, tokens_left
+        )
+        items = tuple(self._item(req, n, emits=n == req.num_missing) for req, n in running + admitted)
+        return StepPlan(items, tuple(drafts + more))
 
     def update(self, plan: StepPlan, outcomes: Sequence[VerifyOutcome]) -> list[RequestOutput]:
         """Commit each request's accepted KV, append its tokens, finish what is done."""
@@ -147,8 +146,7 @@ class Scheduler:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _choose_chunks(self) -> tuple[list[tuple[RequestState, int]], int]:
-        """Running requests first (oldest first), then admissions, within the token budget."""
+    def _schedule_running(self) -> tuple[list[tuple[RequestState, int]], int]:
         chosen: list[tuple[RequestState, int]] = []
         tokens_left = self.config.max_batch_tokens
         for req in list(self.running):
@@ -158,6 +156,10 @@ class Scheduler:
             if self._reserve_or_preempt(req, n):
                 chosen.append((req, n))
                 tokens_left -= n
+        return chosen, tokens_left
+
+    def _admit(self, tokens_left: int) -> tuple[list[tuple[RequestState, int]], int]:
+        chosen: list[tuple[RequestState, int]] = []
         while self.waiting and tokens_left > 0 and len(self.running) < self.config.max_running:
             req = self.waiting[0]
             n = min(req.num_missing, tokens_left)
@@ -171,6 +173,21 @@ class Scheduler:
             chosen.append((req, n))
             tokens_left -= n
         return chosen, tokens_left
+
+    def _attach_trees(
+        self, sampling: list[tuple[RequestState, int]], budget: DraftBudget, tokens_left: int
+    ) -> tuple[list[DraftRequest], int]:
+        """Reserve a tree of (at most) ``budget`` after each sampling item, within the tokens left."""
+        drafts = []
+        for req, n in sampling:
+            fitted = self._fit(req, budget, tokens_left)
+            if fitted.max_nodes and req.blocks is not None and req.blocks.can_reserve(n + fitted.max_nodes):
+                req.blocks.reserve(n + fitted.max_nodes)
+                tokens_left -= fitted.max_nodes
+                self._budgets[req.request_id] = fitted
+                output = tuple(req.output_ids)
+                drafts.append(DraftRequest(req.request_id, req.prompt, output, fitted, req.sampling))
+        return drafts, tokens_left
 
     def _reserve_or_preempt(self, req: RequestState, n: int) -> bool:
         """Reserve ``n`` entries for ``req``, preempting the newest requests until they fit;

@@ -24,7 +24,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=300, help="evaluation samples for the model cards")
     p.add_argument("--resume-target", type=Path, help="target checkpoint saved after --phases-done phases")
-    p.add_argument("--phases-done", type=int, default=1, help="target phases the resumed checkpoint has")
+    p.add_argument(
+        "--phases-done", type=int, default=1,
+        help="target phases the resumed checkpoint has (all of them: only the drafter is trained)",
+    )  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -34,8 +37,8 @@ def _train(args: argparse.Namespace) -> int:
     resume = None
     if args.resume_target is not None:
         phases = len(Recipe().schedule.target_phases)
-        if not 1 <= args.phases_done < phases:
-            raise ValueError(f"--phases-done must be between 1 and {phases - 1}, got {args.phases_done}")
+        if not 1 <= args.phases_done <= phases:
+            raise ValueError(f"--phases-done must be between 1 and {phases}, got {args.phases_done}")
         resume = (args.resume_target, args.phases_done)
     summary = train_tiny(
         _writable_folder(args.out), Recipe(seed=args.seed), eval_n=args.eval_n, resume=resume

@@ -1,0 +1,146 @@
+"""Throughput and per-token latency at 1..32 concurrent users, per draft policy.
+
+For each concurrency C, C ShapesWorld requests start together and run to completion in one
+engine (continuous batching); every policy (``none``, ``fixed`` with k = 2, 4, 8 nodes in a
+chain, ``load_aware``) gets the same requests, in rotating order, on engines built once.
+Per-token latency: the time between a request's consecutive outputs divided by the tokens in the
+later one (the first token, i.e. time to first token, is left out).
+
+    .venv/bin/python -m benchmarks.concurrency [--levels 1 2 4 8 16 32] [--max-tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import machine_info
+from core.sampling import SamplingParams
+from models.tiny.samples import EVAL_SEED_START, make_sample
+from serve.chat import chat_prompt
+from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+POLICIES: dict[str, EngineOptions] = {
+    "none": EngineOptions(policy="none"),
+    "fixed_2": EngineOptions(policy="fixed", fixed_nodes=2),
+    "fixed_4": EngineOptions(policy="fixed", fixed_nodes=4),
+    "fixed_8": EngineOptions(policy="fixed", fixed_nodes=8),
+    "load_aware": EngineOptions(policy="load_aware"),
+}
+
+
+def run_level(built: BuiltEngine, samples: list[Any], params: SamplingParams) -> dict[str, Any]:
+    engine = built.engine
+    start = time.perf_counter()
+    last: dict[int, float] = {}
+    latencies: list[float] = []
+    tokens = 0
+    for s in samples:
+        last[
+            engine.add_request(chat_prompt(built.processor, s.question.text, [s.image()], s.system), params)
+        ] = -1.0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.new_token_ids and last[out.request_id] >= 0:
+                latencies += [(now - last[out.request_id]) / len(out.new_token_ids)] * len(out.new_token_ids)
+            if out.new_token_ids:
+                last[out.request_id] = now
+                tokens += len(out.new_token_ids)
+            if out.finished:
+                engine.completion(out)
+    wall = time.perf_counter() - start
+    ordered = sorted(latencies) or [0.0]
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "p50_token_ms": 1000 * statistics.median(ordered),
+        "p99_token_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    engines = {
+        name: build_engine(
+            CHECKPOINTS / "tiny-target", None if name == "none" else CHECKPOINTS / "tiny-drafter", o
+        )
+        for name, o in POLICIES.items()
+    }
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    results: dict[str, dict[str, Any]] = {name: {} for name in engines}
+    for i, level in enumerate(args.levels):
+        samples = [make_sample(EVAL_SEED_START + 2000 + j) for j in range(level)]
+        names = list(engines)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            results[name][str(level)] = run_level(engines[name], samples, params)
+        row = {n: round(results[n][str(level)]["tokens_per_s"], 1) for n in names}
+        print(f"concurrency {level}: tokens/s {row}")
+    report = {
+        "benchmark": "concurrency",
+        "max_tokens": args.max_tokens,
+        "machine": machine_info(),
+        "policies": results,
+    }
+    report["load_aware_over_best_other"] = {
+        str(c): results["load_aware"][str(c)]["tokens_per_s"]
+        / max(results[n][str(c)]["tokens_per_s"] for n in results if n != "load_aware")
+        for c in args.levels
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "concurrency.json").write_text(json.dumps(report, indent=1))
+    write_markdown_and_plot(report, args.out / "concurrency")
+    print(json.dumps(report["load_aware_over_best_other"], indent=1))
+
+
+def _cell(row: dict[str, Any]) -> str:
+    return f"{row['tokens_per_s']:.1f} ({row['p50_token_ms']:.0f}/{row['p99_token_ms']:.0f})"
+
+
+def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = report["policies"]
+    levels = list(next(iter(policies.values())))
+    head = (
+        "| concurrency | "
+        + " | ".join(f"{p} tok/s (p50/p99 ms)" for p in policies)
+        + " | load_aware / best other |"
+    )
+    lines = [head, "| ---: |" + " ---: |" * (len(policies) + 1)]
+    for c in levels:
+        cells = [_cell(policies[p][c]) for p in policies]
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {report['load_aware_over_best_other'][c]:.2f}x |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [int(c) for c in levels]
+    for p, rows in policies.items():
+        a.plot(xs, [rows[c]["tokens_per_s"] for c in levels], "o-", label=p)
+        b.plot(xs, [rows[c]["p50_token_ms"] for c in levels], "o-", label=p)
+    for ax, label in ((a, "tokens/s (all users)"), (b, "p50 per-token latency, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent users")
+        ax.set_ylabel(label)
+    a.legend()
+    fig.suptitle("Draft policies under load, tiny models")
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""One verifier forward for many requests' draft trees vs one forward per request.
+
+Each of B ShapesWorld prompts is prefilled into the target's paged pool; a timed case then
+verifies an 8-node draft tree (two branches under the root, chains below) for every request:
+``packed`` in one ``TargetVerifier.verify`` call, ``separate`` in B calls. Nothing is committed,
+so every repeat verifies the same trees.
+
+    .venv/bin/python -m benchmarks.verify_batch [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import Case, machine_info, time_interleaved, warm_up
+from core.draft import DraftProposal
+from core.sampling import SamplingParams
+from core.tree import DraftTree
+from core.verify import VerifyItem
+from kvcache.block_pool import BlockPool
+from kvcache.sequence_blocks import SequenceBlocks
+from models.loader import load_model
+from models.prompt_encoder import PromptEncoder
+from models.tiny.samples import EVAL_SEED_START, make_sample
+from serve.chat import chat_prompt
+from verifier.target import TargetVerifier
+
+TARGET = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-target"
+TREE = DraftTree(torch.tensor([10, 11, 12, 13, 14, 15, 16, 17]), torch.tensor([-1, -1, 0, 1, 2, 3, 4, 5]))
+BATCHES = (1, 4, 16)
+
+
+def prefilled_items(
+    verifier: TargetVerifier, encoder: PromptEncoder, pool: BlockPool, n: int
+) -> list[VerifyItem]:
+    processor = verifier.model.processor()
+    items = []
+    for i in range(n):
+        s = make_sample(EVAL_SEED_START + 900 + i)
+        encoded = encoder.encode(chat_prompt(processor, s.question.text, [s.image()], s.system))
+        blocks = SequenceBlocks(pool)
+        blocks.reserve(encoded.num_tokens + TREE.num_nodes)
+        prefill = VerifyItem(
+            i, encoded.token_ids[:-1], 0, blocks.block_table, SamplingParams(), emits=False,
+            embeds=encoded.embeds, embed_index=encoded.embed_index,
+        )  # fmt: skip
+        verifier.verify([prefill])
+        blocks.commit(encoded.num_tokens - 1, range(encoded.num_tokens - 1))
+        blocks.reserve(1 + TREE.num_nodes)
+        items.append(
+            VerifyItem(
+                i,
+                encoded.token_ids[-1:],
+                encoded.num_tokens - 1,
+                blocks.block_table,
+                SamplingParams(),
+                emits=True,
+                draft=DraftProposal(i, TREE),
+            )
+        )
+    return items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    model = load_model(TARGET)
+    pool = BlockPool(model.decoder.kv_layout(1024, 16))
+    verifier, encoder = TargetVerifier(model, pool.kv), PromptEncoder(model)
+    items = prefilled_items(verifier, encoder, pool, max(BATCHES))
+    rows: dict[str, Any] = {}
+    for b in BATCHES:
+        batch = items[:b]
+        cases = {
+            "packed": Case(run=lambda batch=batch: verifier.verify(batch)),
+            "separate": Case(run=lambda batch=batch: [verifier.verify([item]) for item in batch]),
+        }
+        warm_up(cases, 2)
+        timing = time_interleaved(cases, args.repeats)
+        tokens = b * (1 + TREE.num_nodes)
+        rows[str(b)] = {name: t.as_dict(tokens) for name, t in timing.items()}
+        rows[str(b)]["packed_throughput_over_separate"] = (
+            timing["separate"].median_ms / timing["packed"].median_ms
+        )
+        print(
+            f"B={b}: packed {timing['packed'].median_ms:.1f} ms, "
+            f"separate {timing['separate'].median_ms:.1f} ms"
+        )
+    report = {
+        "benchmark": "verify_batch",
+        "tree_nodes": TREE.num_nodes,
+        "machine": machine_info(),
+        "batches": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "verify_batch.json").write_text(json.dumps(report, indent=1))
+    write_markdown_and_plot(report, args.out / "verify_batch")
+
+
+def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        f"Verifying an {report['tree_nodes']}-node tree per request on the tiny target: "
+        "one packed forward vs one forward per request (median ms).",
+        "",
+        "| requests | packed ms | separate ms | packed throughput / separate |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    batches = report["batches"]
+    for b, row in batches.items():
+        lines.append(
+            f"| {b} | {row['packed']['median_ms']:.1f} | {row['separate']['median_ms']:.1f} | "
+            f"{row['packed_throughput_over_separate']:.2f}x |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [int(b) for b in batches]
+    ax.plot(xs, [batches[b]["packed"]["median_ms"] for b in batches], "o-", label="one packed forward")
+    ax.plot(xs, [batches[b]["separate"]["median_ms"] for b in batches], "s-", label="separate forwards")
+    ax.set_xlabel("requests verified")
+    ax.set_ylabel("ms (median)")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    ax.set_title("Batched tree verification, tiny target")
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Draft policies: the registry, fixed budgets, the acceptance model, cost curves, load-aware trees."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from core.draft import NO_DRAFT, DraftBudget
+from scheduler.cost import CostCurve, CostModel
+from scheduler.policies import AcceptanceModel, FixedDraft, LoadAwareDraft, NoDraft, StepLoad, make_policy
+
+
+def test_unknown_policy_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown draft policy 'eagle'.*\['fixed', 'load_aware', 'none'\]"):
+        make_policy("eagle")
+
+
+@pytest.mark.parametrize("load", [StepLoad(1, 0), StepLoad(64, 4096)])
+def test_none_never_drafts(load: StepLoad) -> None:
+    policy = make_policy("none")
+    assert isinstance(policy, NoDraft)
+    assert policy.budget(load) == NO_DRAFT
+
+
+@pytest.mark.parametrize(
+    ("options", "nodes", "depth"), [({}, 8, 8), ({"nodes": 5}, 5, 5), ({"nodes": 12, "depth": 4}, 12, 4)]
+)
+def test_fixed_gives_its_nodes_and_depth_or_a_chain(options: dict, nodes: int, depth: int) -> None:
+    policy = make_policy("fixed", **options)
+    assert isinstance(policy, FixedDraft)
+    for load in (StepLoad(1, 0), StepLoad(100, 5000)):
+        assert policy.budget(load) == DraftBudget(max_nodes=nodes, max_depth=depth)
+
+
+def test_expected_tokens_with_the_prior_only() -> None:
+    model = AcceptanceModel(max_depth=3, prior=0.5)
+    assert model.expected_tokens(0) == 1.0  # the target's own token
+    assert model.expected_tokens(1) == pytest.approx(1.5)
+    assert model.expected_tokens(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+def test_expected_tokens_rises_with_depth() -> None:
+    model = AcceptanceModel(max_depth=7)
+    values = [model.expected_tokens(d) for d in range(8)]
+    assert all(b > a for a, b in itertools.pairwise(values))
+
+
+def test_full_acceptance_pushes_expected_tokens_toward_depth_plus_one() -> None:
+    model = AcceptanceModel(max_depth=4, prior=0.7, weight=4.0)
+    before = model.expected_tokens(4)
+    for _ in range(2000):
+        model.observe(depth=4, accepted=4)
+    assert before < 3.0
+    assert model.expected_tokens(4) == pytest.approx(5.0, abs=0.05)
+
+
+def test_acceptance_counts_only_depths_that_were_reached() -> None:
+    model = AcceptanceModel(max_depth=4, prior=0.5, weight=2.0)
+    model.observe(depth=4, accepted=1)  # depth 1 accepted, depth 2 tried and rejected, 3 and 4 unseen
+    assert model.hits[1:] == [2.0, 1.0, 1.0, 1.0]
+    assert model.tries[1:] == [3.0, 3.0, 2.0, 2.0]
+    # P(1) = 2/3, P(2 | 1) = 1/3, deeper still the prior 1/2
+    assert model.expected_tokens(3) == pytest.approx(1 + 2 / 3 + 2 / 9 + 1 / 9)
+
+
+def test_zero_acceptance_pulls_expected_tokens_toward_one() -> None:
+    model = AcceptanceModel(max_depth=5)
+    for _ in range(1000):
+        model.observe(depth=5, accepted=0)
+    assert model.expected_tokens(5) == pytest.approx(1.0, abs=0.01)
+
+
+def test_cost_curve_interpolates_between_points() -> None:
+    curve = CostCurve(tokens=(1, 10, 100), ms=(2.0, 5.0, 50.0))
+    assert curve(1) == 2.0
+    assert curve(10) == 5.0
+    assert curve(100) == 50.0
+    assert curve(4) == pytest.approx(3.0)
+    assert curve(55) == pytest.approx(27.5)
+
+
+def test_cost_curve_extrapolates_linearly_and_never_below_zero() -> None:
+    curve = CostCurve(tokens=(10, 20, 30), ms=(1.0, 3.0, 4.0))
+    assert curve(50) == pytest.approx(6.0)  # slope of the last segment
+    assert curve(5) == pytest.approx(0.0)  # slope 0.2 of the first: 1 - 1 = 0
+    assert curve(0) == 0.0  # would be -1
+    assert curve(7.5) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "ms", "message"),
+    [
+        ((1,), (1.0,), "at least two"),
+        ((1, 2), (1.0,), "equal count"),
+        ((1, 2, 3), (1.0, 2.0), "equal count"),
+        ((1, 5, 5), (1.0, 2.0, 3.0), "must increase"),
+        ((4, 2), (1.0, 2.0), "must increase"),
+    ],
+)
+def test_cost_curve_validation(tokens: tuple[int, ...], ms: tuple[float, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CostCurve(tokens, ms)
+
+
+def _steep_cost() -> CostModel:
+    """The verifier costs 10 ms up to 40 tokens, then ~1 ms per token more; a draft level 1 ms."""
+    return CostModel(
+        verifier=CostCurve(tokens=(1, 40, 1000), ms=(10.0, 10.0, 1000.0)),
+        drafter=CostCurve(tokens=(1, 1000), ms=(1.0, 1.0)),
+    )
+
+
+def test_load_aware_drafts_big_trees_alone_and_none_under_load() -> None:
+    policy = make_policy("load_aware", cost=_steep_cost())
+    assert isinstance(policy, LoadAwareDraft)
+    alone, crowded = policy.budget(StepLoad(1, 0)), policy.budget(StepLoad(32, 0))
+    # batch 1: every tree fits in the flat part; tau 1 + .7 + ... makes depth 3-5 worth its draft levels
+    assert alone.max_nodes >= 4 and alone.max_depth >= 3
+    # batch 32: 32 sampled tokens already cost 10 ms; any tree pushes the verifier up the steep part
+    assert crowded == NO_DRAFT
+    assert alone.max_nodes > crowded.max_nodes
+
+
+def test_load_aware_trees_shrink_as_the_batch_grows() -> None:
+    policy = LoadAwareDraft(cost=_steep_cost())
+    nodes = [policy.budget(StepLoad(b, 0)).max_nodes for b in (1, 2, 4, 8, 16, 32)]
+    assert all(b <= a for a, b in itertools.pairwise(nodes))
+    assert nodes[0] > nodes[-1]
+
+
+def test_load_aware_weighs_tokens_per_millisecond() -> None:
+    # batch 2, flat verifier: no tree 2 * 1 / 10 ms = 0.2; (4 nodes, depth 2): 2 * (1 + .5 + .25)
+    # / (10 ms + 2 levels * 1 ms) = 0.29; (4, 4): 2 * 1.9375 / 14 = 0.277
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (4, 4), (4, 2)))
+    policy.acceptance = AcceptanceModel(max_depth=4, prior=0.5)
+    assert policy.budget(StepLoad(2, 0)) == DraftBudget(max_nodes=4, max_depth=2)
+    # at acceptance 0.3 the depth-2 tree gives 2 * 1.39 / 12 = 0.23, still above 0.2
+    policy.acceptance = AcceptanceModel(max_depth=4, prior=0.3)
+    assert policy.budget(StepLoad(2, 0)) == DraftBudget(max_nodes=4, max_depth=2)
+    # at 0.15: 2 * 1.1725 / 12 = 0.195 < 0.2
+    policy.acceptance = AcceptanceModel(max_depth=4, prior=0.15)
+    assert policy.budget(StepLoad(2, 0)) == NO_DRAFT
+
+
+def test_load_aware_stops_drafting_when_nothing_is_accepted() -> None:
+    policy = LoadAwareDraft(cost=_steep_cost())
+    first = policy.budget(StepLoad(1, 0))
+    assert first.max_nodes > 0
+    for _ in range(200):
+        policy.observe(first, accepted_depth=0)
+    assert policy.budget(StepLoad(1, 0)) == NO_DRAFT
+
+
+def test_load_aware_ignores_steps_without_a_tree() -> None:
+    policy = LoadAwareDraft(cost=_steep_cost())
+    before = list(policy.acceptance.tries)
+    policy.observe(NO_DRAFT, accepted_depth=0)
+    assert policy.acceptance.tries == before
+
+
+def test_load_aware_returns_a_candidate_budget() -> None:
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (3, 2)))
+    for _ in range(200):
+        policy.observe(DraftBudget(3, 2), accepted_depth=2)
+    assert policy.budget(StepLoad(1, 0)) == DraftBudget(max_nodes=3, max_depth=2)

@@ -1,0 +1,60 @@
+"""Speculative sampling through the whole engine reproduces the target's own distribution.
+
+The first two tokens of many seeded requests are counted and compared, by chi-square, with the
+exact joint distribution computed from transformers' logits of the same checkpoint (temperature
+1, top-k 4: sixteen outcomes). The drafter is a noisy copy of the target, so its proposals are
+accepted often but not always, and both tokens pass through tree acceptance.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from core.sampling import SamplingParams
+from serve.engine_builder import EngineOptions, build_engine
+from tests.serve.engine_helpers import Oracle
+
+TOP_K = 4
+REQUESTS = 1200
+CHI2_15_DOF_P001 = 37.7
+
+
+def top_k_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Independent of our sampling code: softmax over the k largest logits, zero elsewhere."""
+    values, index = torch.topk(logits.double(), TOP_K)
+    return torch.zeros_like(logits, dtype=torch.float64).scatter(0, index, torch.softmax(values, 0))
+
+
+@torch.inference_mode()
+def exact_joint(oracle: Oracle, text: str) -> dict[tuple[int, int], float]:
+    ids = oracle.inputs(text, None, None)["input_ids"]
+    first = top_k_probs(oracle.model(input_ids=ids).logits[0, -1])
+    joint = {}
+    for t1 in torch.nonzero(first).flatten().tolist():
+        longer = torch.cat([ids, torch.tensor([[t1]])], dim=1)
+        second = top_k_probs(oracle.model(input_ids=longer).logits[0, -1])
+        for t2 in torch.nonzero(second).flatten().tolist():
+            joint[(t1, t2)] = float(first[t1] * second[t2])
+    return joint
+
+
+def test_speculative_sampling_matches_the_target_joint_distribution(
+    folders: dict[str, Path], oracle: Oracle
+) -> None:
+    text = "tell me more about the colors"
+    built = build_engine(folders["target"], folders["noisy"], EngineOptions(policy="fixed", fixed_nodes=4))
+    prompt = oracle.prompt(text, None, None)
+    params = [
+        SamplingParams(max_tokens=3, temperature=1.0, top_k=TOP_K, seed=seed, ignore_eos=True)
+        for seed in range(REQUESTS)
+    ]
+    outs = built.engine.generate([prompt] * REQUESTS, params)
+    counts = Counter(o.token_ids[:2] for o in outs)
+    assert sum(o.stats.accepted_tokens for o in outs) > REQUESTS // 4  # the tree really was used
+    joint = exact_joint(oracle, text)
+    assert set(counts) <= set(joint)
+    chi2 = sum((counts.get(k, 0) - REQUESTS * p) ** 2 / (REQUESTS * p) for k, p in joint.items())
+    assert chi2 < CHI2_15_DOF_P001, f"chi2 {chi2:.1f} over {len(joint)} outcomes"
