@@ -19,15 +19,20 @@ from core.draft import DraftProposal, DraftRequest
 from core.forward_batch import SequenceInput, pack
 from core.prompt import EncodedPrompt
 from core.sampling import SamplingParams, probs_from_logits
-from core.tree import ROOT
+from core.tree import ROOT, DraftTree
 from drafter_pool.compression import get_compressor
 from drafter_pool.tree_search import TreeGrower, TreeShape
-from kvcache.block_pool import BlockPool, IntegrityError, OutOfBlocksError
+from kvcache.block_pool import BlockPool, IntegrityError
 from kvcache.sequence_blocks import SequenceBlocks
 from models.loader import LoadedModel
 from models.prompt_encoder import PromptEncoder
 
 DRAFT_SEED_SALT = 0x5EED_D4AF  # the drafter's stream differs from the verifier's for one seed
+
+
+def empty_proposal(request_id: int) -> DraftProposal:
+    empty = torch.empty(0, dtype=torch.long)
+    return DraftProposal(request_id, DraftTree(empty, empty.clone()))
 
 
 def draft_distribution(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
@@ -78,17 +83,21 @@ class DrafterPool:
         self._seeds = random.Random(seed)
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
-        if not requests:
-            return []
-        growers = self._catch_up(requests)
-        jobs = [(g, self.states[r.request_id]) for g, r in zip(growers, requests, strict=True)]
-        levels = self._next_levels(jobs)
+        """A request the pool has no room for gets an empty tree (plain decoding this step)
+        and loses its drafter KV; it is prefilled again when it next gets a tree."""
+        pending = {r.request_id: self._pending(r) for r in requests}
+        ready = [r for r in requests if pending[r.request_id] is not None]
+        growers = self._catch_up(ready, [pending[r.request_id] for r in ready]) if ready else []
+        levels = self._next_levels(
+            [(g, self.states[r.request_id]) for g, r in zip(growers, ready, strict=True)]
+        )
         while levels:
             self._forward_level(levels)
             levels = self._next_levels([(lv.grower, lv.state) for lv in levels])
-        for req in requests:
+        for req in ready:
             self.states[req.request_id].blocks.commit(0, ())  # drop the tree's KV
-        return [g.proposal(r.request_id) for g, r in zip(growers, requests, strict=True)]
+        trees = {r.request_id: g.proposal(r.request_id) for g, r in zip(growers, ready, strict=True)}
+        return [trees.get(r.request_id) or empty_proposal(r.request_id) for r in requests]
 
     def release(self, request_id: int) -> None:
         state = self.states.pop(request_id, None)
@@ -108,17 +117,16 @@ class DrafterPool:
 
     # -- the catch-up forward -------------------------------------------------------------
 
-    def _catch_up(self, requests: Sequence[DraftRequest]) -> list[TreeGrower]:
+    def _catch_up(self, requests: Sequence[DraftRequest], seqs: list[SequenceInput]) -> list[TreeGrower]:
         """Write every request's missing KV; return a grower with the root's children added."""
-        seqs = [self._pending(req) for req in requests]
         batch = pack(seqs, self.pool.block_size)
         hidden = self.model.decoder(batch, self.pool.kv)
         logits = self.model.decoder.logits(hidden[batch.last_token_rows()])
         growers = []
         for req, seq, row in zip(requests, seqs, logits, strict=True):
             state = self.states[req.request_id]
-            state.blocks.commit(seq.num_new, range(seq.num_new))
-            self._reserve(req.request_id, self._max_tree_rows(req))  # the tree's rows, dropped later
+            state.blocks.commit(seq.num_new, range(seq.num_new))  # frees the tree's blocks ...
+            state.blocks.reserve(self._max_tree_rows(req))  # ... and takes them back for the levels
             state.num_outputs = len(req.output_ids)
             state.next_position = int(seq.positions[-1]) + 1
             grower = TreeGrower(req.budget, self.shape, req.sampling, state.generator)
@@ -126,8 +134,9 @@ class DrafterPool:
             growers.append(grower)
         return growers
 
-    def _pending(self, req: DraftRequest) -> SequenceInput:
-        """The tokens of ``req`` that the drafter has no KV for, reserved in its block table."""
+    def _pending(self, req: DraftRequest) -> SequenceInput | None:
+        """The tokens of ``req`` that the drafter has no KV for, with room reserved for them and
+        the tree's levels; None (and the request released) when the pool has no room."""
         state = self.states.get(req.request_id)
         outputs = torch.tensor(req.output_ids, dtype=torch.long)
         if state is None:
@@ -143,7 +152,10 @@ class DrafterPool:
             embeds = embed_index = None
         if len(tokens) == 0:
             raise ValueError(f"request {req.request_id}: no new verified token since the last draft")
-        self._reserve(req.request_id, len(tokens))
+        if not state.blocks.can_reserve(len(tokens) + self._max_tree_rows(req)):
+            self.release(req.request_id)
+            return None
+        state.blocks.reserve(len(tokens) + self._max_tree_rows(req))
         return SequenceInput(
             tokens, positions, state.blocks.block_table, state.blocks.num_tokens,
             embeds=embeds, embed_index=embed_index,
@@ -163,16 +175,6 @@ class DrafterPool:
 
     def _max_tree_rows(self, req: DraftRequest) -> int:
         return self.shape.width * 2 * max(req.budget.max_depth - 1, 0)
-
-    def _reserve(self, request_id: int, n: int) -> None:
-        blocks = self.states[request_id].blocks
-        if not blocks.can_reserve(n):
-            self.release(request_id)
-            raise OutOfBlocksError(
-                f"the drafter pool has {self.pool.num_free_blocks} free blocks, too few for request "
-                f"{request_id}; give the drafter pool more blocks"
-            )
-        blocks.reserve(n)
 
     # -- depth levels ---------------------------------------------------------------------
 

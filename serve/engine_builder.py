@@ -33,6 +33,7 @@ class EngineOptions:
     compression_method: str = "salient"
     max_batch_tokens: int = 512
     num_blocks: int = 2048  # target KV blocks
+    drafter_blocks: int = 4096  # drafter KV blocks (a request without room drafts nothing that step)
     block_size: int = 16
     dtype: str = "fp32"
     seed: int = 0
@@ -87,8 +88,9 @@ def build_engine(
         drafter_model = load_model(drafter_dir, opts.dtype)
         check_same_tokenizer(processor.tokenizer, drafter_model.processor().tokenizer, Path(drafter_dir))
         drafter = DrafterPool(
-            drafter_model, shape=opts.tree, compression=opts.compression_method, seed=opts.seed
-        )
+            drafter_model, num_blocks=opts.drafter_blocks, block_size=opts.block_size,
+            shape=opts.tree, compression=opts.compression_method, seed=opts.seed,
+        )  # fmt: skip
     policy_name = opts.policy if drafter is not None else "none"
     policy_options: dict[str, Any] = {}
     if policy_name == "fixed":

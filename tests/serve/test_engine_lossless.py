@@ -124,3 +124,15 @@ def test_abort_mid_generation_frees_target_and_drafter_kv(folders: dict[str, Pat
         engine.scheduler.check_integrity()
     assert engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_blocks
     assert built.engine.drafter.num_free_blocks == built.engine.drafter.pool.num_blocks
+
+
+def test_a_full_drafter_pool_only_costs_speculation(folders: dict[str, Path], oracle: Oracle) -> None:
+    options = EngineOptions(policy="fixed", fixed_nodes=4, drafter_blocks=12, block_size=8)
+    built = build_engine(folders["target"], folders["noisy"], options)
+    cases = [(QUESTIONS[i], random_image(90 + i), 12) for i in range(4)]
+    prompts = [oracle.prompt(q, img, None) for q, img, _ in cases]
+    outs = run_checked(built.engine, prompts, [SamplingParams(max_tokens=n) for *_, n in cases])
+    for out, (q, img, n) in zip(outs, cases, strict=True):
+        assert out.token_ids == tuple(oracle.greedy(q, img, None, n))
+    assert any(o.stats.draft_tokens == 0 for o in outs)  # someone found no room in the drafter pool
+    assert any(o.stats.draft_tokens > 0 for o in outs)
