@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from models.loader import LoadedModel, load_model
 from models.prompt_encoder import PromptEncoder
 from scheduler.cost import CostCurve, CostModel
 from scheduler.engine import Engine
-from scheduler.policies import make_policy
+from scheduler.policies import DraftPolicy, make_policy
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from verifier.target import TargetVerifier
 
@@ -79,40 +80,22 @@ def measure_cost(model: LoadedModel, pool: BlockPool, tokens: tuple[int, ...], r
 def build_engine(
     model_dir: str | Path, drafter_dir: str | Path | None = None, options: EngineOptions | None = None
 ) -> BuiltEngine:
+    """Target (and drafter) loaded, KV pools sized, policy calibrated, all wired into an Engine.
+    Without a drafter the engine decodes plainly whatever the policy says."""
     opts = options or EngineOptions()
     target = load_model(model_dir, opts.dtype)
     processor = target.processor()
+    tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
     pool = BlockPool(target.decoder.kv_layout(opts.num_blocks, opts.block_size))
-    drafter_model = drafter = None
-    if drafter_dir is not None:
-        drafter_model = load_model(drafter_dir, opts.dtype)
-        check_same_tokenizer(processor.tokenizer, drafter_model.processor().tokenizer, Path(drafter_dir))
-        drafter = DrafterPool(
-            drafter_model, num_blocks=opts.drafter_blocks, block_size=opts.block_size,
-            shape=opts.tree, compression=opts.compression_method, seed=opts.seed,
-        )  # fmt: skip
-    policy_name = opts.policy if drafter is not None else "none"
-    policy_options: dict[str, Any] = {}
-    if policy_name == "fixed":
-        policy_options = {"nodes": opts.fixed_nodes, "depth": opts.fixed_depth}
-    elif policy_name == "load_aware" and drafter_model is not None:
-        policy_options = {
-            "cost": CostModel(
-                measure_cost(target, pool, CALIBRATION_TOKENS),
-                measure_cost(drafter_model, drafter.pool, CALIBRATION_TOKENS[:4]),
-            )
-        }
-    text = target.hf_config.text_config if hasattr(target.hf_config, "text_config") else target.hf_config
+    drafter = None if drafter_dir is None else _drafter(Path(drafter_dir), tokenizer, opts)
+    text = getattr(target.hf_config, "text_config", target.hf_config)
     scheduler = Scheduler(
         pool,
-        make_policy(policy_name, **policy_options),
-        SchedulerConfig(
-            max_batch_tokens=opts.max_batch_tokens, max_model_len=int(text.max_position_embeddings)
-        ),
+        _policy(opts, target, pool, drafter),
+        SchedulerConfig(opts.max_batch_tokens, max_model_len=int(text.max_position_embeddings)),
         on_release=drafter.release if drafter is not None else (lambda request_id: None),
     )
     encoder = PromptEncoder(target, processor.image_processor if target.vision is not None else None)
-    tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
     engine = Engine(
         scheduler,
         TargetVerifier(target, pool.kv),
@@ -123,7 +106,43 @@ def build_engine(
         seed=opts.seed,
         compression=opts.compression,
     )
-    return BuiltEngine(engine, processor, target, drafter_model)
+    return BuiltEngine(engine, processor, target, None if drafter is None else drafter.model)
+
+
+def _drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> DrafterPool:
+    model = load_model(folder, opts.dtype)
+    check_same_tokenizer(tokenizer, model.processor().tokenizer, folder)
+    return DrafterPool(
+        model, num_blocks=opts.drafter_blocks, block_size=opts.block_size,
+        shape=opts.tree, compression=opts.compression_method, seed=opts.seed,
+    )  # fmt: skip
+
+
+def _calibrated(
+    opts: EngineOptions, target: LoadedModel, pool: BlockPool, drafter: DrafterPool
+) -> DraftPolicy:
+    """``load_aware`` with forward-cost curves measured on this machine, now."""
+    verifier_ms = measure_cost(target, pool, CALIBRATION_TOKENS)
+    drafter_ms = measure_cost(drafter.model, drafter.pool, CALIBRATION_TOKENS[:4])
+    return make_policy("load_aware", cost=CostModel(verifier_ms, drafter_ms))
+
+
+PolicyFactory = Callable[[EngineOptions, LoadedModel, BlockPool, DrafterPool], DraftPolicy]
+POLICY_FACTORIES: dict[str, PolicyFactory] = {
+    "none": lambda opts, target, pool, drafter: make_policy("none"),
+    "fixed": lambda opts, *_: make_policy("fixed", nodes=opts.fixed_nodes, depth=opts.fixed_depth),
+    "load_aware": _calibrated,
+}
+
+
+def _policy(
+    opts: EngineOptions, target: LoadedModel, pool: BlockPool, drafter: DrafterPool | None
+) -> DraftPolicy:
+    if opts.policy not in POLICY_FACTORIES:
+        raise ValueError(f"unknown draft policy {opts.policy!r}; choose one of {sorted(POLICY_FACTORIES)}")
+    if drafter is None:
+        return make_policy("none")
+    return POLICY_FACTORIES[opts.policy](opts, target, pool, drafter)
 
 
 def eos_token_ids(model: LoadedModel, tokenizer: Any) -> frozenset[int]:
