@@ -36,7 +36,6 @@ from serve.engine_builder import EngineOptions, build_engine
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 TARGET, DRAFTER = CHECKPOINTS / "tiny-target", CHECKPOINTS / "tiny-drafter"
-KINDS = ("describe", "where", "color", "exists", "shape_at", "count", "bigger")
 
 
 @dataclass
@@ -71,6 +70,9 @@ def transformers_runner(assisted: bool) -> Callable[[list[Any], SamplingParams],
     @torch.inference_mode()
     def run(samples: list[Any], params: SamplingParams) -> Outcome:
         eos = None if params.ignore_eos else processor.tokenizer.eos_token_id
+        for model in (target, assistant):  # None must replace the checkpoint's default, not defer to it
+            if model is not None:
+                model.generation_config.eos_token_id = eos
         config = GenerationConfig(
             max_new_tokens=params.max_tokens, do_sample=False, eos_token_id=eos,
             pad_token_id=processor.tokenizer.pad_token_id,
@@ -109,9 +111,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these contenders")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    samples = [
-        make_sample(EVAL_SEED_START + 500 + i, kind=KINDS[i % len(KINDS)]) for i in range(args.prompts)
-    ]
+    samples = [make_sample(EVAL_SEED_START + 500 + i) for i in range(args.prompts)]  # mixed kinds
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.mode == "forced")
     runners = contenders(EngineOptions(tree=TreeShape()))
     runners = {k: v for k, v in runners.items() if not args.only or k in args.only}

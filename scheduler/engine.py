@@ -88,12 +88,15 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
         proposals = self.drafter.propose(plan.drafts) if plan.drafts and self.drafter else []
         outcomes = self.verifier.verify(plan.with_trees(proposals))
-        return [self._with_text(out) for out in self.scheduler.update(plan, outcomes)]
+        outputs = self.scheduler.update(plan, outcomes)
+        self.scheduler.record_step_time(1000 * (time.perf_counter() - started))
+        return [self._with_text(out) for out in outputs]
 
     def generate(
         self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams]

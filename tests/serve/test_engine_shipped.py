@@ -29,21 +29,12 @@ def test_eight_concurrent_shapesworld_users_get_the_targets_greedy_answers(
     )
     samples = [make_sample(EVAL_SEED_START + 700 + i, PERSONAS[i % len(PERSONAS)]) for i in range(8)]
     prompts = [shipped_oracle.prompt(s.question.text, s.image(), s.system) for s in samples]
-    ids = [
-        built.engine.add_request(p, SamplingParams(max_tokens=40), compression=(1.0, 0.5, 0.25)[i % 3])
-        for i, p in enumerate(prompts)
-    ]
-    done = {}
-    while len(done) < len(ids):
-        for out in built.engine.step():
-            if out.finished:
-                done[out.request_id] = built.engine.completion(out)
-        built.engine.scheduler.check_integrity()
-        built.engine.drafter.check_integrity()
-    for rid, s in zip(ids, samples, strict=True):
+    params = [SamplingParams(max_tokens=40)] * len(prompts)
+    outs = run_checked(built.engine, prompts, params, [(1.0, 0.5, 0.25)[i % 3] for i in range(len(prompts))])
+    for out, s in zip(outs, samples, strict=True):
         expected = shipped_oracle.greedy(s.question.text, s.image(), s.system, 40)
-        assert done[rid].token_ids == tuple(expected), f"persona {s.persona}, question {s.question.text!r}"
-    assert sum(c.stats.accepted_tokens for c in done.values()) > 0
+        assert out.token_ids == tuple(expected), f"persona {s.persona.name}, question {s.question.text!r}"
+    assert sum(o.stats.accepted_tokens for o in outs) > 0
 
 
 def test_plain_decoding_of_the_shipped_target_equals_transformers(shipped_oracle: Oracle) -> None:
