@@ -200,18 +200,11 @@ class DrafterPool:
             lv.grower.expand(node, draft_distribution(row, lv.grower.sampling))
 
     def _level_input(self, lv: _Level) -> SequenceInput:
-        g, state = lv.grower, lv.state
-        place = {node: i for i, node in enumerate(lv.nodes)}
-        mask = torch.eye(len(lv.nodes), dtype=torch.bool)
-        for i, node in enumerate(lv.nodes):
-            parent = g.parent_of(node)
-            if parent != ROOT:
-                mask[i] |= mask[place[parent]]
-        root_position = state.next_position - 1
+        sub = lv.grower.subtree(lv.nodes)
         return SequenceInput(
-            token_ids=torch.tensor([g.token_of(n) for n in lv.nodes], dtype=torch.long),
-            positions=torch.tensor([root_position + g.depth_of(n) for n in lv.nodes], dtype=torch.long),
-            block_table=state.blocks.block_table,
-            num_cached=state.blocks.num_tokens,
-            attention_mask=mask,
+            token_ids=sub.token_ids,
+            positions=lv.state.next_position - 1 + sub.depths(),  # the root sits at next_position - 1
+            block_table=lv.state.blocks.block_table,
+            num_cached=lv.state.blocks.num_tokens,
+            attention_mask=sub.ancestor_mask(),
         )

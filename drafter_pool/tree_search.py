@@ -107,22 +107,20 @@ class TreeGrower:
     def token_of(self, node: int) -> int:
         return self.nodes[node].token
 
-    def parent_of(self, node: int) -> int:
-        return self.nodes[node].parent
+    def subtree(self, nodes: list[int]) -> DraftTree:
+        """The tree of ``nodes`` (ancestor-closed, parents before children), renumbered 0..n-1."""
+        index = {node: i for i, node in enumerate(nodes)}
+        parents = [ROOT if self.nodes[n].parent == ROOT else index[self.nodes[n].parent] for n in nodes]
+        return DraftTree(
+            token_ids=torch.tensor([self.nodes[n].token for n in nodes], dtype=torch.long),
+            parents=torch.tensor(parents, dtype=torch.long),
+        )
 
     def proposal(self, request_id: int) -> DraftProposal:
         """The final tree: children groups by their parent's score, best first, within max_nodes
         (a group that does not fit keeps a prefix of its draw order)."""
-        kept = self._select_groups()
-        order = self._breadth_first(kept)
-        index = {node: i for i, node in enumerate(order)}
-        tree = DraftTree(
-            token_ids=torch.tensor([self.nodes[n].token for n in order], dtype=torch.long),
-            parents=torch.tensor(
-                [ROOT if self.nodes[n].parent == ROOT else index[self.nodes[n].parent] for n in order],
-                dtype=torch.long,
-            ),
-        )
+        order = self._breadth_first(self._select_groups())
+        tree = self.subtree(order)
         if self.sampling.greedy:
             return DraftProposal(request_id, tree)
         rows = [ROOT, *order]
