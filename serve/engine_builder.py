@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,6 @@ def check_same_tokenizer(target: Any, drafter: Any, drafter_dir: Path) -> None:
 
 def measure_cost(model: LoadedModel, pool: BlockPool, tokens: tuple[int, ...], repeats: int = 3) -> CostCurve:
     """Milliseconds of one forward at each batch size, on scratch blocks of ``pool``."""
-    import time
-
     ms = []
     for n in tokens:
         blocks = pool.allocate(-(-n // pool.block_size))
