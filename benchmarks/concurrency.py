@@ -6,7 +6,10 @@ chain, ``load_aware``) gets the same requests, in rotating order, on engines bui
 Per-token latency: the time between a request's consecutive outputs divided by the tokens in the
 later one (the first token, i.e. time to first token, is left out).
 
-    .venv/bin/python -m benchmarks.concurrency [--levels 1 2 4 8 16 32] [--max-tokens 48]
+    .venv/bin/python -m benchmarks.concurrency [--levels 1 2 4 8 16 32] [--max-tokens 48] [--repeats 3]
+
+With ``--repeats`` > 1 every (level, policy) runs that many times, interleaved, and each number
+reported is the median over the runs (single runs at one level vary by tens of percent here).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     engines = {
@@ -80,16 +84,22 @@ def main() -> None:
     }
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     results: dict[str, dict[str, Any]] = {name: {} for name in engines}
+    names = list(engines)
     for i, level in enumerate(args.levels):
         samples = [make_sample(EVAL_SEED_START + 2000 + j) for j in range(level)]
-        names = list(engines)
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            results[name][str(level)] = run_level(engines[name], samples, params)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for r in range(args.repeats):
+            shift = (i + r) % len(names)  # rotate the order between levels and repeats
+            for name in names[shift:] + names[:shift]:
+                runs[name].append(run_level(engines[name], samples, params))
+        for name in names:
+            results[name][str(level)] = median_run(runs[name])
         row = {n: round(results[n][str(level)]["tokens_per_s"], 1) for n in names}
-        print(f"concurrency {level}: tokens/s {row}")
+        print(f"concurrency {level}: tokens/s {row} (median of {args.repeats})")
     report = {
         "benchmark": "concurrency",
         "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
         "machine": machine_info(),
         "policies": results,
     }
@@ -102,6 +112,15 @@ def main() -> None:
     (args.out / "concurrency.json").write_text(json.dumps(report, indent=1))
     write_markdown_and_plot(report, args.out / "concurrency")
     print(json.dumps(report["load_aware_over_best_other"], indent=1))
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each measure's median over ``runs``, with the per-run tokens/s kept for the record."""
+    keys = ("tokens_per_s", "p50_token_ms", "p99_token_ms", "wall_s")
+    out: dict[str, Any] = {k: statistics.median(run[k] for run in runs) for k in keys}
+    out["tokens"] = runs[0]["tokens"]
+    out["tokens_per_s_runs"] = [round(run["tokens_per_s"], 1) for run in runs]
+    return out
 
 
 def _cell(row: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ class DraftBudget:
 
     max_nodes: int  # tree nodes after the root; 0 = no speculation this step
     max_depth: int  # longest root-to-leaf path
-    compression: float = 1.0  # fraction r of the drafter's visual tokens kept (fixed at admission)
+    compression: float = 1.0  # fraction r of the drafter's visual tokens kept when it builds the KV
 
     def __post_init__(self) -> None:
         if self.max_nodes < 0 or self.max_depth < 0:

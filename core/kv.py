@@ -56,14 +56,18 @@ class PagedKVCache:
         )
         self.keys = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
         self.values = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
+        # per-layer flat views, made once: every layer of every forward reads and writes through them
+        flat = (layout.num_layers, layout.num_slots, layout.num_kv_heads, layout.head_dim)
+        self._flat_keys = self.keys.view(flat).unbind(0)
+        self._flat_values = self.values.view(flat).unbind(0)
 
     def flat_keys(self, layer: int) -> torch.Tensor:
         """``[num_slots, kv_heads, head_dim]`` view of one layer's keys."""
-        return self.keys[layer].view(self.layout.num_slots, *self.keys.shape[3:])
+        return self._flat_keys[layer]
 
     def flat_values(self, layer: int) -> torch.Tensor:
         """``[num_slots, kv_heads, head_dim]`` view of one layer's values."""
-        return self.values[layer].view(self.layout.num_slots, *self.values.shape[3:])
+        return self._flat_values[layer]
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the entries at flat slots ``src`` [n] to ``dst`` [n] in every layer.

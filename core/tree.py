@@ -35,18 +35,22 @@ class DraftTree:
 
     def depths(self) -> torch.Tensor:
         """``[num_nodes]`` int64: 1 for children of the root, parent depth + 1 below."""
-        depth = torch.ones(self.num_nodes, dtype=torch.long)
-        for i, p in enumerate(self.parents.tolist()):
-            if p != ROOT:
-                depth[i] = depth[p] + 1
-        return depth
+        depth: list[int] = []
+        for p in self.parents.tolist():  # plain Python: one tensor op per node would cost more
+            depth.append(1 if p == ROOT else depth[p] + 1)
+        return torch.tensor(depth, dtype=torch.long)
 
     def ancestor_mask(self) -> torch.Tensor:
         """``[num_nodes, num_nodes]`` bool: ``mask[i, j]`` iff j is i or an ancestor of i."""
-        mask = torch.eye(self.num_nodes, dtype=torch.bool)
+        lines: list[list[int]] = []  # lines[i]: i's ancestors from the root down, then i
+        rows: list[int] = []
+        cols: list[int] = []
         for i, p in enumerate(self.parents.tolist()):
-            if p != ROOT:
-                mask[i] |= mask[p]
+            lines.append([*lines[p], i] if p != ROOT else [i])
+            rows += [i] * len(lines[i])
+            cols += lines[i]
+        mask = torch.zeros(self.num_nodes, self.num_nodes, dtype=torch.bool)
+        mask[rows, cols] = True
         return mask
 
     def path_to(self, node: int) -> list[int]:

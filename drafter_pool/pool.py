@@ -36,12 +36,12 @@ def empty_proposal(request_id: int) -> DraftProposal:
 
 
 def draft_distribution(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
-    """``logits`` [vocab] -> the q a node's children come from. Sampling requests draw from the
-    request's own distribution; greedy ones take the argmax (and runner-up) of the plain softmax,
-    whose margins say how sure the drafter is (a one-hot would always look certain)."""
+    """``logits`` [N, vocab] -> the q each node's children come from. Sampling requests draw from
+    the request's own distribution; greedy ones take the argmax (and runner-up) of the plain
+    softmax, whose margins say how sure the drafter is (a one-hot would always look certain)."""
     if sampling.greedy:
         return torch.softmax(logits.float(), dim=-1)
-    return probs_from_logits(logits[None], sampling)[0]
+    return probs_from_logits(logits, sampling)
 
 
 @dataclass
@@ -115,6 +115,10 @@ class DrafterPool:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
+    def kv_used(self) -> float:
+        """Fraction of the drafter's KV blocks in use (what the draft policy's r follows)."""
+        return 1 - self.pool.num_free_blocks / self.pool.num_blocks
+
     # -- the catch-up forward -------------------------------------------------------------
 
     def _catch_up(self, requests: Sequence[DraftRequest], seqs: list[SequenceInput]) -> list[TreeGrower]:
@@ -130,7 +134,7 @@ class DrafterPool:
             state.num_outputs = len(req.output_ids)
             state.next_position = int(seq.positions[-1]) + 1
             grower = TreeGrower(req.budget, self.shape, req.sampling, state.generator)
-            grower.expand(ROOT, draft_distribution(row, req.sampling))
+            grower.expand_rows([ROOT], draft_distribution(row[None], req.sampling))
             growers.append(grower)
         return growers
 
@@ -190,14 +194,13 @@ class DrafterPool:
         seqs = [self._level_input(lv) for lv in levels]
         batch = pack(seqs, self.pool.block_size)
         hidden = self.model.decoder(batch, self.pool.kv)
-        rows, owners = [], []
+        rows: list[int] = []
         for lv, start in zip(levels, batch.query_starts.tolist(), strict=False):
             place = {node: i for i, node in enumerate(lv.nodes)}
             rows.extend(start + place[node] for node in lv.frontier)
-            owners.extend((lv, node) for node in lv.frontier)
         logits = self.model.decoder.logits(hidden[torch.tensor(rows)])
-        for (lv, node), row in zip(owners, logits, strict=True):
-            lv.grower.expand(node, draft_distribution(row, lv.grower.sampling))
+        for lv, part in zip(levels, logits.split([len(lv.frontier) for lv in levels]), strict=True):
+            lv.grower.expand_rows(lv.frontier, draft_distribution(part, lv.grower.sampling))
 
     def _level_input(self, lv: _Level) -> SequenceInput:
         sub = lv.grower.subtree(lv.nodes)

@@ -68,22 +68,32 @@ class TreeGrower:
 
     def expand(self, parent: int, q: torch.Tensor) -> None:
         """Add ``parent``'s children drawn from ``q`` [vocab] (ROOT for the root)."""
-        top = torch.topk(q, 2)
-        margin = float(top.values[0] - top.values[1])
-        count = 2 if margin < self.shape.branch_margin and float(top.values[1]) > 0 else 1
-        tokens = self._draw(q, top.indices, count)
-        depth = 1 if parent == ROOT else self.nodes[parent].depth + 1
-        deepen = margin >= self.shape.stop_margin and depth < self.budget.max_depth
-        score = 0.0 if parent == ROOT else self.nodes[parent].score
-        self.probs[parent] = q
-        group = self.child_groups.setdefault(parent, [])
-        for token in tokens:
-            own = score + math.log(max(float(q[token]), 1e-30))
-            if group:
-                own = min(own, self.nodes[group[-1]].score)
-            group.append(len(self.nodes))
-            self._newest.append(len(self.nodes))
-            self.nodes.append(_Node(token, parent, depth, own, deepen))
+        self.expand_rows([parent], q[None])
+
+    def expand_rows(self, parents: list[int], q: torch.Tensor) -> None:
+        """Add each parent's children drawn from its row of ``q`` [len(parents), vocab]; the
+        top-2 of all rows come from one ``topk``, read back to Python once."""
+        top = torch.topk(q, 2, dim=-1)
+        for parent, row, (p1, p2), pair in zip(
+            parents, q, top.values.tolist(), top.indices.tolist(), strict=True
+        ):
+            margin = p1 - p2
+            count = 2 if margin < self.shape.branch_margin and p2 > 0 else 1
+            tokens = pair[:count] if self.sampling.greedy else self._draw(row, count)
+            known = {pair[0]: p1, pair[1]: p2}
+            depth = 1 if parent == ROOT else self.nodes[parent].depth + 1
+            deepen = margin >= self.shape.stop_margin and depth < self.budget.max_depth
+            score = 0.0 if parent == ROOT else self.nodes[parent].score
+            self.probs[parent] = row
+            group = self.child_groups.setdefault(parent, [])
+            for token in tokens:
+                prob = known[token] if token in known else float(row[token])
+                own = score + math.log(max(prob, 1e-30))
+                if group:
+                    own = min(own, self.nodes[group[-1]].score)
+                group.append(len(self.nodes))
+                self._newest.append(len(self.nodes))
+                self.nodes.append(_Node(token, parent, depth, own, deepen))
 
     def frontier(self) -> list[int]:
         """The nodes to expand next (best ``width`` of the newest ones that may deepen); clears
@@ -129,9 +139,7 @@ class TreeGrower:
         draft_probs = torch.stack([self.probs.get(r, zeros) for r in rows])
         return DraftProposal(request_id, tree, draft_probs)
 
-    def _draw(self, q: torch.Tensor, top: torch.Tensor, count: int) -> list[int]:
-        if self.sampling.greedy:
-            return [int(t) for t in top[:count]]
+    def _draw(self, q: torch.Tensor, count: int) -> list[int]:
         first = int(torch.multinomial(q, 1, generator=self.generator))
         if count == 1:
             return [first]

@@ -48,16 +48,21 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions`` [T] -> ``(cos, sin)`` each [T, 1, head_dim], computed in float32."""
+        """``positions`` [T] -> ``(cos, signed_sin)`` each [T, 1, head_dim], computed in float32.
+
+        ``signed_sin`` is ``sin`` with its first half negated, so that :func:`apply_rotary` needs
+        one ``roll`` instead of slicing, negating and concatenating halves in every layer.
+        """
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scaling).to(dtype)
-        sin = (emb.sin() * self.scaling).to(dtype)
-        return cos[:, None, :], sin[:, None, :]
+        cos = freqs.cos().repeat(1, 2)
+        sin = freqs.sin()
+        signed_sin = torch.cat((-sin, sin), dim=-1)
+        if self.scaling != 1.0:
+            cos, signed_sin = cos * self.scaling, signed_sin * self.scaling
+        return cos.to(dtype)[:, None, :], signed_sin.to(dtype)[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, heads, head_dim] by the tables of :meth:`RotaryEmbedding.tables`."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [T, heads, head_dim] by the tables of :meth:`RotaryEmbedding.tables`:
+    ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) * sin == roll(x) * signed_sin``."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -51,11 +51,11 @@ class Engine:
         detokenize: Callable[[list[int]], str],
         eos_token_ids: frozenset[int],
         seed: int = 0,
-        compression: float = 1.0,
+        compression: float | None = None,
     ) -> None:
         self.scheduler, self.verifier, self.drafter = scheduler, verifier, drafter
         self.encode, self.detokenize, self.eos_token_ids = encode, detokenize, eos_token_ids
-        self.compression = compression
+        self.compression = compression  # r for every request; None = the draft policy chooses
         self._ids = itertools.count()
         self._seeds = random.Random(seed)
         self._tracking: dict[int, _Tracking] = {}
@@ -65,7 +65,7 @@ class Engine:
         request_id = next(self._ids)
         seed = self._seeds.getrandbits(63) if sampling.seed is None else sampling.seed
         ratio = self.compression if compression is None else compression
-        if not 0 < ratio <= 1:
+        if ratio is not None and not 0 < ratio <= 1:
             raise ValueError(f"compression must be in (0, 1], got {ratio}")
         state = RequestState(
             request_id=request_id,

@@ -1,8 +1,9 @@
 """Draft budget per step, from a registry of policies (``none``, ``fixed``, ``load_aware``).
 
 A policy sees the step's load (how many requests sample a token, how many prompt tokens ride
-along) and returns the tree budget every sampling request gets; it also hears back how many tree
-nodes were accepted, so adaptive policies can learn the acceptance rate.
+along, how full the drafter's KV pool is) and returns the tree budget every sampling request gets
+and the visual-token ratio r for requests whose drafter KV is built this step; it also hears back
+how many tree nodes were accepted, so adaptive policies can learn the acceptance rate.
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ from scheduler.cost import CostModel
 class StepLoad:
     num_sampling: int  # requests that emit a token this step
     prefill_tokens: int  # prompt (or recompute) tokens of the step
+    drafter_kv_used: float = 0.0  # fraction of the drafter's KV pool in use (0 without a drafter)
 
 
 class DraftPolicy(Protocol):
     def budget(self, load: StepLoad) -> DraftBudget:
         """The tree budget of each sampling request this step (``NO_DRAFT`` = plain decoding)."""
+        ...
+
+    def compression(self, load: StepLoad) -> float:
+        """r in (0, 1] for requests whose drafter KV is built this step (their first tree, or
+        the first after the drafter let their KV go); a request keeps the r its KV was built with."""
         ...
 
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
@@ -39,6 +46,9 @@ class NoDraft:
     def budget(self, load: StepLoad) -> DraftBudget:
         return NO_DRAFT
 
+    def compression(self, load: StepLoad) -> float:
+        return 1.0
+
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
         pass
 
@@ -50,9 +60,13 @@ class NoDraft:
 class FixedDraft:
     nodes: int = 8
     depth: int = 0  # 0 = as deep as the nodes allow (a chain when there is no branching)
+    ratio: float = 1.0  # r for every request
 
     def budget(self, load: StepLoad) -> DraftBudget:
         return DraftBudget(max_nodes=self.nodes, max_depth=self.depth or self.nodes)
+
+    def compression(self, load: StepLoad) -> float:
+        return self.ratio
 
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
         pass
@@ -93,11 +107,18 @@ class LoadAwareDraft:
     The curves only time the forwards; what a step really costs beyond them (the drafter's tree
     bookkeeping per request, packing) is learned from measured step times: a running ratio of
     measured to predicted milliseconds, one for drafting steps and one for plain steps, scales
-    the predictions (shared by all tree sizes, so one slow tree makes every tree look slower)."""
+    the predictions (shared by all tree sizes, so one slow tree makes every tree look slower).
+
+    r follows the drafter's KV use: a request the drafter has no room for drafts nothing, so as
+    its pool fills, new requests keep fewer visual tokens (fewer KV entries each, a lower tau:
+    see the spec-decode ablation). The drafter's forward cost barely depends on its context on a
+    CPU, so with room to spare every visual token is kept."""
 
     cost: CostModel
     candidates: tuple[tuple[int, int], ...] = ((0, 0), (2, 2), (4, 3), (8, 5), (12, 6), (16, 7))
     smoothing: float = 0.3  # weight of the newest step in the measured/predicted ratios
+    # (drafter KV use below which, r): the first row that applies wins; above all rows, the last r
+    ratio_by_kv_use: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.8, 0.5), (1.0, 0.25))
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(max(d for _, d in self.candidates))
@@ -107,6 +128,12 @@ class LoadAwareDraft:
         b = max(load.num_sampling, 1)
         best = max(self.candidates, key=lambda c: self._rate(b, load.prefill_tokens, *c))
         return DraftBudget(max_nodes=best[0], max_depth=best[1]) if best[0] else NO_DRAFT
+
+    def compression(self, load: StepLoad) -> float:
+        for below, ratio in self.ratio_by_kv_use:
+            if load.drafter_kv_used < below:
+                return ratio
+        return self.ratio_by_kv_use[-1][1]
 
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
         if budget.max_depth:

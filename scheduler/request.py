@@ -25,7 +25,7 @@ class RequestState:
     prompt: Prompt
     encoded: EncodedPrompt  # the target's view of the prompt
     sampling: SamplingParams
-    compression: float  # drafter visual-token ratio, fixed at admission
+    compression: float | None  # drafter visual-token ratio the request pinned; None = the policy's
     generator: torch.Generator
     eos_token_ids: frozenset[int]
     status: Status = Status.WAITING

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.draft import NO_DRAFT, DraftBudget, DraftRequest
 from core.plan import RequestOutput, StepPlan
@@ -40,9 +40,11 @@ class Scheduler:
         policy: DraftPolicy,
         config: SchedulerConfig | None = None,
         on_release: Callable[[int], None] = lambda request_id: None,
+        drafter_kv_used: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.pool, self.policy, self.config = pool, policy, config or SchedulerConfig()
         self.on_release = on_release  # told when a request's KV is dropped (the drafter frees its own)
+        self.drafter_kv_used = drafter_kv_used  # fraction of the drafter's KV pool in use now
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self.requests: dict[int, RequestState] = {}
@@ -92,13 +94,16 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Running requests first (oldest first) with their trees, then admissions with what
-        is left of the token budget; a tree is only drafted for an item that samples."""
+        is left of the token budget; a tree is only drafted for an item that samples. The budget
+        carries the policy's r unless the request pinned its own; the drafter applies it when it
+        builds the request's KV."""
         self._budgets = {}
         running, tokens_left = self._schedule_running()
         sampling = [(r, n) for r, n in running if n == r.num_missing]
         waiting_tokens = min(sum(r.num_missing for r in self.waiting), tokens_left)
-        load = StepLoad(len(sampling), sum(n for _, n in running) - len(sampling) + waiting_tokens)
-        budget = self.policy.budget(load)
+        prefill = sum(n for _, n in running) - len(sampling) + waiting_tokens
+        load = StepLoad(len(sampling), prefill, self.drafter_kv_used())
+        budget = replace(self.policy.budget(load), compression=self.policy.compression(load))
         self._last_step = (load, budget)
         drafts, tokens_left = self._attach_trees(sampling, budget, tokens_left)
         admitted, tokens_left = self._admit(tokens_left)
@@ -219,13 +224,15 @@ class Scheduler:
 
     def _fit(self, req: RequestState, budget: DraftBudget, tokens_left: int) -> DraftBudget:
         """``budget`` cut to the tokens left this step, the tokens the request may still emit
-        and the context window (tree node positions run past the last token)."""
+        and the context window (tree node positions run past the last token), with the
+        request's own r when it pinned one."""
         depth = min(budget.max_depth, req.remaining_tokens - 1, self.config.max_model_len - req.num_tokens)
         nodes = min(budget.max_nodes, tokens_left)
         depth = min(depth, nodes)
         if depth <= 0:
             return NO_DRAFT
-        return DraftBudget(max_nodes=nodes, max_depth=depth, compression=req.compression)
+        ratio = budget.compression if req.compression is None else req.compression
+        return DraftBudget(max_nodes=nodes, max_depth=depth, compression=ratio)
 
     def _item(self, req: RequestState, n: int, emits: bool) -> VerifyItem:
         assert req.blocks is not None

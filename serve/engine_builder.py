@@ -31,7 +31,7 @@ class EngineOptions:
     fixed_nodes: int = 8  # the fixed policy's tree size (depth = nodes unless fixed_depth)
     fixed_depth: int = 0
     tree: TreeShape = field(default_factory=TreeShape)
-    compression: float = 1.0  # default drafter visual-token ratio
+    compression: float | None = None  # drafter visual-token ratio for every request; None = the policy's
     compression_method: str = "salient"
     max_batch_tokens: int = 512
     num_blocks: int = 2048  # target KV blocks
@@ -93,6 +93,7 @@ def build_engine(
         _policy(opts, target, pool, drafter),
         SchedulerConfig(opts.max_batch_tokens, max_model_len=int(text.max_position_embeddings)),
         on_release=drafter.release if drafter is not None else (lambda request_id: None),
+        drafter_kv_used=drafter.kv_used if drafter is not None else (lambda: 0.0),
     )
     encoder = PromptEncoder(target, processor.image_processor if target.vision is not None else None)
     engine = Engine(

@@ -23,7 +23,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     spec.add_argument("--drafter", type=Path, help="drafter checkpoint folder (default with the tiny target)")
     spec.add_argument("--no-spec", action="store_true", help="plain decoding, no drafter")
     p.add_argument("--policy", default="load_aware", help="draft policy: none, fixed or load_aware")
-    p.add_argument("--compression", type=float, default=1.0, help="drafter visual tokens kept, in (0, 1]")
+    p.add_argument(
+        "--compression",
+        type=float,
+        help="drafter visual tokens kept, in (0, 1] (default: the policy's choice)",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

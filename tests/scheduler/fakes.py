@@ -38,14 +38,20 @@ def make_pool(num_blocks: int = 64) -> BlockPool:
     return BlockPool(layout)
 
 
-def make_request(request_id: int, num_prompt: int, max_tokens: int, ignore_eos: bool = False) -> RequestState:
+def make_request(
+    request_id: int,
+    num_prompt: int,
+    max_tokens: int,
+    ignore_eos: bool = False,
+    compression: float | None = 1.0,
+) -> RequestState:
     ids = torch.arange(num_prompt)
     return RequestState(
         request_id=request_id,
         prompt=Prompt(tuple(ids.tolist())),
         encoded=EncodedPrompt(ids, torch.arange(num_prompt), None, None),
         sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos),
-        compression=1.0,
+        compression=compression,
         generator=torch.Generator(),
         eos_token_ids=frozenset({EOS}),
     )

@@ -186,3 +186,18 @@ def test_load_aware_keeps_drafting_when_steps_cost_what_was_predicted() -> None:
         budget = policy.budget(load)
         policy.observe_step(load, budget, policy._step_ms(1, 0, budget.max_nodes, budget.max_depth))
     assert policy.budget(load) == first != NO_DRAFT
+
+
+@pytest.mark.parametrize("used", [0.0, 0.99])
+def test_none_and_fixed_compression_ignore_the_drafters_kv_use(used: float) -> None:
+    load = StepLoad(4, 0, drafter_kv_used=used)
+    assert NoDraft().compression(load) == 1.0
+    assert FixedDraft(nodes=4, ratio=0.5).compression(load) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("used", "ratio"), [(0.0, 1.0), (0.49, 1.0), (0.5, 0.5), (0.79, 0.5), (0.8, 0.25), (1.0, 0.25)]
+)
+def test_load_aware_keeps_fewer_visual_tokens_as_the_drafters_kv_fills(used: float, ratio: float) -> None:
+    policy = LoadAwareDraft(cost=_steep_cost())
+    assert policy.compression(StepLoad(4, 0, drafter_kv_used=used)) == ratio

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from core.draft import DraftBudget
-from scheduler.policies import DraftPolicy, FixedDraft, NoDraft
+from scheduler.cost import CostCurve, CostModel
+from scheduler.policies import DraftPolicy, FixedDraft, LoadAwareDraft, NoDraft
 from scheduler.request import Status
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from tests.scheduler.fakes import (
@@ -231,3 +232,19 @@ def test_tree_budget_is_cut_by_the_step_token_budget() -> None:
     budgets = [d.budget for d in sched.schedule().drafts]
     # 10 - 6 prompt tokens = 4 left: the first tree gets 4 nodes, the second none
     assert budgets == [DraftBudget(max_nodes=4, max_depth=4)]
+
+
+def test_trees_carry_the_policys_ratio_unless_the_request_pinned_its_own() -> None:
+    used = [0.0]
+    policy = LoadAwareDraft(
+        cost=CostModel(CostCurve((1, 1000), (10.0, 10.0)), CostCurve((1, 1000), (1.0, 1.0)))
+    )
+    sched = Scheduler(make_pool(), policy, SchedulerConfig(), drafter_kv_used=lambda: used[0])
+    verifier, drafter = ScriptedVerifier(sched), ChainDrafter()
+    sched.add(make_request(0, num_prompt=4, max_tokens=20, compression=None))
+    sched.add(make_request(1, num_prompt=4, max_tokens=20, compression=1.0))
+    step(sched, verifier, drafter)
+    used[0] = 0.9  # the drafter's KV fills up: requests built from now on keep a quarter
+    step(sched, verifier, drafter)
+    ratios = [(r.request_id, r.budget.compression) for r in drafter.requests]
+    assert ratios == [(0, 1.0), (1, 1.0), (0, 0.25), (1, 1.0)]

@@ -115,6 +115,7 @@ def test_abort_mid_generation_frees_target_and_drafter_kv(folders: dict[str, Pat
         engine.scheduler.check_integrity()
     assert engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_blocks
     assert built.engine.drafter.num_free_blocks == built.engine.drafter.pool.num_blocks
+    assert built.engine.drafter.kv_used() == 0.0
 
 
 def test_a_full_drafter_pool_only_costs_speculation(folders: dict[str, Path], oracle: Oracle) -> None:
