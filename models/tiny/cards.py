@@ -25,7 +25,10 @@ def target_card(summary: dict[str, Any]) -> str:
     r, m = summary["recipe"]["target"], summary["metrics"]
     minutes = summary["total_train_seconds"] / 60
     sched = summary["recipe"]["schedule"]
-    phases = " then ".join(f"{steps} steps at peak lr {lr:g}" for steps, lr in sched["target_phases"])
+    phases = " then ".join(
+        f"{p['steps']} steps at peak lr {p['lr']:g}" + (" (bf16 autocast)" if p["bf16"] else "")
+        for p in sched["target_phases"]
+    )
     return f"""# tiny-target
 
 The verifier VLM of CoVSpec Serve's demo: a LLaVA-format model (`LlavaForConditionalGeneration`)

@@ -61,14 +61,24 @@ def train_tiny(
     drafter = new_model(recipe.drafter, tokenizer, recipe.seed + 1)
     if resume is None:
         target, done = new_model(recipe.target, tokenizer, recipe.seed), 0
-        pretrain_vision(target.model.vision_tower, recipe.target, t_enc, sched, recipe.seed, log)
+        pretrain_vision(
+            "target-vision", target.model.vision_tower, recipe.target, t_enc, sched, recipe.seed, log
+        )
     else:
         target, done = resumed_target(*resume)
-    pretrain_vision(drafter.model.vision_tower, recipe.drafter, d_enc, sched, recipe.seed + 1, log)
-    for phase in range(done, len(sched.target_phases)):
-        train_target(target.train(), t_enc, sched, phase, recipe.seed, log)
+    pretrain_vision(
+        "drafter-vision", drafter.model.vision_tower, recipe.drafter, d_enc, sched, recipe.seed + 1, log
+    )
+    phases = len(sched.target_phases)
+    for phase in range(done, phases):
+
+        def snapshot(step: int, phase: int = phase) -> None:
+            note = f"# tiny-target (in training: phase {phase + 1} of {phases}, step {step})\n"
+            save_checkpoint(target, tokenizer, recipe.target, out_root / "tiny-target-snapshot", note)
+
+        train_target(target.train(), t_enc, sched, phase, recipe.seed, log, snapshot)
         target.eval()
-        note = f"# tiny-target (in training: {phase + 1} of {len(sched.target_phases)} phases done)\n"
+        note = f"# tiny-target (in training: {phase + 1} of {phases} phases done)\n"
         save_checkpoint(target, tokenizer, recipe.target, out_root / "tiny-target", note)
 
     # self-distillation: the drafter learns the target's own greedy answers to default-style prompts

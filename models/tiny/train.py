@@ -51,9 +51,15 @@ def lr_at(step: int, total: int, peak: float) -> float:
 
 
 def run_steps(
-    name: str, params: list[dict[str, Any]], steps: int, loss_fn: Callable[[int], torch.Tensor], log: TrainLog
+    name: str,
+    params: list[dict[str, Any]],
+    steps: int,
+    loss_fn: Callable[[int], torch.Tensor],
+    log: TrainLog,
+    after_step: Callable[[int], None] | None = None,
 ) -> None:
-    """AdamW over ``params`` (groups with their own peak ``lr``) for ``steps`` steps."""
+    """AdamW over ``params`` (groups with their own peak ``lr``) for ``steps`` steps;
+    ``after_step(step)`` runs after each optimizer step (e.g. to save a snapshot)."""
     opt = torch.optim.AdamW(params, weight_decay=0.01, betas=(0.9, 0.98))
     peaks = [g["lr"] for g in params]
     started = time.time()
@@ -69,6 +75,8 @@ def run_steps(
         value = loss.item()
         log.add(name, step, value, started)
         bar.set_postfix(loss=f"{value:.3f}")
+        if after_step is not None:
+            after_step(step)
     log.seconds[name] = round(time.time() - started, 1)
 
 
@@ -83,7 +91,7 @@ def cell_labels(seed: int) -> torch.Tensor:
 
 
 def pretrain_vision(
-    tower: Any, size: ModelSize, encoder: ChatEncoder, sched: Schedule, seed: int, log: TrainLog
+    name: str, tower: Any, size: ModelSize, encoder: ChatEncoder, sched: Schedule, seed: int, log: TrainLog
 ) -> None:
     """Teach every patch token of ``tower`` to name its grid cell and that cell's shape, colour
     and size, so each visual token states what is where before any language model sees it."""
@@ -104,7 +112,7 @@ def pretrain_vision(
         return torch.stack([F.cross_entropy(lg.flatten(0, 1), lab.flatten()) for lg, lab in pairs]).sum()
 
     params = [{"params": [*tower.parameters(), *heads.parameters()], "lr": sched.vision_lr}]
-    run_steps(f"vision-{size.patch_size}px", params, sched.vision_steps, loss_fn, log)
+    run_steps(name, params, sched.vision_steps, loss_fn, log)
     tower.requires_grad_(False)  # later stages keep these features as they are
 
 
@@ -124,10 +132,17 @@ def conversation(seed: int, persona: str | None, turns: int) -> list[Sample]:
 
 
 def train_target(
-    model: Any, encoder: ChatEncoder, sched: Schedule, phase: int, seed: int, log: TrainLog
+    model: Any,
+    encoder: ChatEncoder,
+    sched: Schedule,
+    phase: int,
+    seed: int,
+    log: TrainLog,
+    snapshot: Callable[[int], None] | None = None,
 ) -> None:
-    """Phase ``phase`` of ``sched.target_phases``: its own optimizer, schedule and data stream."""
-    steps, lr = sched.target_phases[phase]
+    """Phase ``phase`` of ``sched.target_phases``: its own optimizer, schedule and data stream.
+    ``snapshot(step)`` is called every ``sched.snapshot_every`` steps and not after the last."""
+    spec = sched.target_phases[phase]
     rng = random.Random(seed + 1 + 1000 * phase)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -135,10 +150,17 @@ def train_target(
         for _ in range(sched.target_batch):
             persona = rng.choice(DEMO_USERS) if rng.random() < sched.persona_share else None
             convs.append(conversation(rng.randrange(EVAL_SEED_START), persona, sched.turns))
-        return lm_loss(model, encoder.batch(convs))
+        batch = encoder.batch(convs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+            return lm_loss(model, batch)
 
-    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
-    run_steps("target" if phase == 0 else f"target-phase{phase + 1}", params, steps, loss_fn, log)
+    def after_step(step: int) -> None:
+        if snapshot is not None and (step + 1) % sched.snapshot_every == 0 and step + 1 < spec.steps:
+            snapshot(step + 1)
+
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": spec.lr}]
+    name = "target" if phase == 0 else f"target-phase{phase + 1}"
+    run_steps(name, params, spec.steps, loss_fn, log, after_step)
 
 
 def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from models.tiny.pipeline import train_tiny
-from models.tiny.recipe import ModelSize, Recipe, Schedule
+from models.tiny.recipe import ModelSize, Recipe, Schedule, TargetPhase
 
 MICRO = ModelSize(
     hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1,
     vision_hidden=32, vision_layers=1, vision_heads=2, patch_size=12,
 )  # fmt: skip
 SCHEDULE = Schedule(
-    vision_steps=12, vision_batch=16, target_phases=((10, 3e-3), (4, 1e-3)), target_batch=4, turns=2,
+    vision_steps=12, vision_batch=16, target_batch=4, turns=2,
+    target_phases=(TargetPhase(10, 3e-3), TargetPhase(4, 1e-3, bf16=True)), snapshot_every=4,
     distill_samples=8, drafter_steps=12, drafter_batch=4,
 )  # fmt: skip
 
@@ -36,7 +37,7 @@ def _mean(rows: list[dict[str, float]]) -> float:
 @pytest.mark.slow
 def test_every_stage_loss_goes_down(trained: Path) -> None:
     losses = json.loads((trained / "tiny-train-log.json").read_text())["losses"]
-    assert set(losses) == {"vision-8px", "vision-12px", "target", "target-phase2", "drafter"}
+    assert set(losses) == {"target-vision", "drafter-vision", "target", "target-phase2", "drafter"}
     for stage, rows in losses.items():
         if stage != "target-phase2":  # a 4-step warm restart need not improve on its first steps
             assert _mean(rows[-3:]) < _mean(rows[:3]), stage
@@ -54,6 +55,14 @@ def test_outputs_are_complete_checkpoints_with_cards(trained: Path) -> None:
     assert (trained / "tiny-train-loss.png").stat().st_size > 1000
     metrics = json.loads((trained / "tiny-train-log.json").read_text())["metrics"]
     assert {"accuracy", "blank_image_accuracy", "per_kind", "agreement"} <= set(metrics)
+    assert "(bf16 autocast)" in (trained / "tiny-target" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_snapshot_is_saved_every_few_steps_but_not_after_a_phases_last_step(trained: Path) -> None:
+    # phase 1 (10 steps) snapshots after steps 4 and 8; phase 2 (4 steps) ends on its 4th step
+    note = (trained / "tiny-target-snapshot" / "README.md").read_text()
+    assert note.startswith("# tiny-target (in training: phase 1 of 2, step 8)")
 
 
 @pytest.mark.slow
@@ -61,6 +70,6 @@ def test_resuming_after_the_first_target_phase_runs_only_the_rest(trained: Path,
     recipe = Recipe(target=replace(MICRO, patch_size=8), drafter=MICRO, schedule=SCHEDULE)
     summary = train_tiny(tmp_path, recipe, eval_n=2, resume=(trained / "tiny-target", 1))
     losses = json.loads((tmp_path / "tiny-train-log.json").read_text())["losses"]
-    assert set(losses) == {"vision-12px", "target-phase2", "drafter"}
+    assert set(losses) == {"drafter-vision", "target-phase2", "drafter"}
     assert len(losses["target-phase2"]) == 4
     assert summary["resumed_from"]["phases_done"] == 1
