@@ -59,7 +59,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused op; normalises in float32 and casts back before the weight, as transformers does
+        # one op instead of eight; fp32 checkpoints match transformers' RMSNorm (tests/models)
         return torch.nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
