@@ -50,7 +50,8 @@ class Schedule:
     vision_steps: int = 600  # per-patch cell / shape / colour / size pretraining of a vision tower
     vision_batch: int = 48
     vision_lr: float = 2e-3
-    # VLM training of the target in phases, each a warm restart; ~50 + 25 + 60 minutes on 2 cores
+    # VLM training of the target in phases, each a warm restart; 51 + 26 + 81 minutes here (the
+    # third shared the 2 cores with other work; bf16 steps measured 1.23 s alone, ~62 min)
     target_phases: tuple[TargetPhase, ...] = (
         TargetPhase(1500, 1.5e-3),
         TargetPhase(800, 6e-4),
