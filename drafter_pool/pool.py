@@ -156,10 +156,11 @@ class DrafterPool:
             embeds = embed_index = None
         if len(tokens) == 0:
             raise ValueError(f"request {req.request_id}: no new verified token since the last draft")
-        if not state.blocks.can_reserve(len(tokens) + self._max_tree_rows(req)):
+        rows = len(tokens) + self._max_tree_rows(req)
+        if not state.blocks.can_reserve(rows):
             self.release(req.request_id)
             return None
-        state.blocks.reserve(len(tokens) + self._max_tree_rows(req))
+        state.blocks.reserve(rows)
         return SequenceInput(
             tokens, positions, state.blocks.block_table, state.blocks.num_tokens,
             embeds=embeds, embed_index=embed_index,
