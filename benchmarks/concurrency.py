@@ -1,12 +1,14 @@
 """Throughput and per-token latency at 1..32 concurrent users, per draft policy.
 
-For each concurrency C, C ShapesWorld requests start together and run to completion in one
-engine (continuous batching); every policy (``none``, ``fixed`` with k = 2, 4, 8 nodes in a
-chain, ``load_aware``) gets the same requests, in rotating order, on engines built once.
+For each concurrency C, a closed loop keeps C ShapesWorld requests in flight in one engine
+(continuous batching: a new request joins as soon as one finishes) until ``--waves`` x C requests
+are answered; every policy (``none``, ``fixed`` with k = 2, 4, 8 nodes in a chain,
+``load_aware``) gets the same requests, in rotating order, on engines built once.
 Per-token latency: the time between a request's consecutive outputs divided by the tokens in the
 later one (the first token, i.e. time to first token, is left out).
 
     .venv/bin/python -m benchmarks.concurrency [--levels 1 2 4 8 16 32] [--max-tokens 48] [--repeats 3]
+        [--waves 4]
 
 With ``--repeats`` > 1 every (level, policy) runs that many times, interleaved, and each number
 reported is the median over the runs (single runs at one level vary by tens of percent here).
@@ -37,16 +39,25 @@ POLICIES: dict[str, EngineOptions] = {
 }
 
 
-def run_level(built: BuiltEngine, samples: list[Any], params: SamplingParams) -> dict[str, Any]:
+def run_level(
+    built: BuiltEngine, samples: list[Any], params: SamplingParams, concurrency: int
+) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` requests in flight, a new one as soon as one finishes, until
+    every sample is answered."""
     engine = built.engine
     start = time.perf_counter()
     last: dict[int, float] = {}
     latencies: list[float] = []
     tokens = 0
-    for s in samples:
-        last[
-            engine.add_request(chat_prompt(built.processor, s.question.text, [s.image()], s.system), params)
-        ] = -1.0
+    queue = list(samples)
+
+    def submit() -> None:
+        s = queue.pop(0)
+        prompt = chat_prompt(built.processor, s.question.text, [s.image()], s.system)
+        last[engine.add_request(prompt, params)] = -1.0
+
+    for _ in range(min(concurrency, len(queue))):
+        submit()
     while engine.has_unfinished():
         outputs = engine.step()
         now = time.perf_counter()
@@ -58,6 +69,8 @@ def run_level(built: BuiltEngine, samples: list[Any], params: SamplingParams) ->
                 tokens += len(out.new_token_ids)
             if out.finished:
                 engine.completion(out)
+                if queue:
+                    submit()
     wall = time.perf_counter() - start
     ordered = sorted(latencies) or [0.0]
     return {
@@ -74,6 +87,7 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--waves", type=int, default=4, help="requests per level = waves x concurrency")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     engines = {
@@ -86,12 +100,12 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {name: {} for name in engines}
     names = list(engines)
     for i, level in enumerate(args.levels):
-        samples = [make_sample(EVAL_SEED_START + 2000 + j) for j in range(level)]
+        samples = [make_sample(EVAL_SEED_START + 2000 + j) for j in range(args.waves * level)]
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for r in range(args.repeats):
             shift = (i + r) % len(names)  # rotate the order between levels and repeats
             for name in names[shift:] + names[:shift]:
-                runs[name].append(run_level(engines[name], samples, params))
+                runs[name].append(run_level(engines[name], samples, params, level))
         for name in names:
             results[name][str(level)] = median_run(runs[name])
         row = {n: round(results[n][str(level)]["tokens_per_s"], 1) for n in names}
@@ -100,6 +114,7 @@ def main() -> None:
         "benchmark": "concurrency",
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
+        "waves": args.waves,
         "machine": machine_info(),
         "policies": results,
     }

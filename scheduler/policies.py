@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from core.draft import NO_DRAFT, DraftBudget
-from scheduler.cost import CostModel
+from scheduler.cost import CostModel, OnlineLinearFit
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,18 @@ class StepLoad:
     num_sampling: int  # requests that emit a token this step
     prefill_tokens: int  # prompt (or recompute) tokens of the step
     drafter_kv_used: float = 0.0  # fraction of the drafter's KV pool in use (0 without a drafter)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step was given and what it cost, for policies that learn the costs."""
+
+    load: StepLoad
+    budget: DraftBudget
+    verify_tokens: int  # tokens the target forwarded: prompt chunks, last tokens, tree nodes
+    tree_nodes: int  # of which draft-tree nodes
+    draft_ms: float  # the drafter's proposals for the whole step (0 without trees)
+    verify_ms: float  # the target's forward and acceptance
 
 
 class DraftPolicy(Protocol):
@@ -37,8 +49,8 @@ class DraftPolicy(Protocol):
         """One request's result: the tree had ``budget``; ``accepted_depth`` nodes were accepted."""
         ...
 
-    def observe_step(self, load: StepLoad, budget: DraftBudget, step_ms: float) -> None:
-        """A whole step took ``step_ms`` (draft + verify) under ``load`` with ``budget`` given."""
+    def observe_step(self, record: StepRecord) -> None:
+        """How the step scheduled with ``record.budget`` went."""
         ...
 
 
@@ -52,7 +64,7 @@ class NoDraft:
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
         pass
 
-    def observe_step(self, load: StepLoad, budget: DraftBudget, step_ms: float) -> None:
+    def observe_step(self, record: StepRecord) -> None:
         pass
 
 
@@ -71,7 +83,7 @@ class FixedDraft:
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
         pass
 
-    def observe_step(self, load: StepLoad, budget: DraftBudget, step_ms: float) -> None:
+    def observe_step(self, record: StepRecord) -> None:
         pass
 
 
@@ -97,38 +109,62 @@ class AcceptanceModel:
         return total
 
 
+def relative(ms: float) -> float:
+    """Least-squares weight that makes errors count relative to the step (floored at 1 ms)."""
+    return 1.0 / max(ms, 1.0) ** 2
+
+
 @dataclass
 class LoadAwareDraft:
     """Pick the candidate budget with the most expected tokens per millisecond for this step:
-    ``B * tau(depth) / (verifier(prefill + B * (1 + nodes)) + depth * drafter(B * rows))``, where
-    the costs come from the measured forward-cost curves and tau from the acceptance seen so far.
-    Trees shrink as the batch grows because the verifier's cost rises with its tokens.
+    ``B * tau(depth) / (verify_ms + draft_ms)``, tau from the acceptance seen so far and the
+    costs learned from the steps themselves:
 
-    The curves only time the forwards; what a step really costs beyond them (the drafter's tree
-    bookkeeping per request, packing) is learned from measured step times: a running ratio of
-    measured to predicted milliseconds, one for drafting steps and one for plain steps, scales
-    the predictions (shared by all tree sizes, so one slow tree makes every tree look slower).
+    - ``verify_ms ~ a * verifier(tokens) + b * B + c * nodes``: the calibrated forward-cost
+      curve of the target (one sequence) scaled, plus what each request adds (packing, masks,
+      acceptance) and what each tree node adds beyond a prompt token (ancestor masks, padded
+      queries: B short sequences cost more than one long one);
+    - ``draft_ms ~ depth * (d + e * B)``: one drafter forward per level, plus each request's
+      share of it (its inputs, its tree's bookkeeping), which the drafter's calibrated curve
+      (one sequence of B * rows tokens) does not see.
+
+    A step's prompt tokens cost the same whatever its trees, so the choice is made as for a
+    decode step of the same B: counting their cost in the rate would make any tree look cheap
+    next to them, when its drafting and verifying really take as long as in a decode step.
+
+    The fits start from the calibrated curves and follow every measured step, weighing relative
+    errors (a 10 ms decode step counts as much as a 100 ms prompt step), so trees shrink
+    as the batch grows exactly as fast as this machine makes them pay. Every ``explore_every``-th
+    decode step tries a neighbour of the best budget (one smaller, one larger, alternately) when
+    it is predicted to be nearly as good, so the acceptance at depths next to the chosen one
+    stays measured where the choice is close.
 
     r follows the drafter's KV use: a request the drafter has no room for drafts nothing, so as
     its pool fills, new requests keep fewer visual tokens (fewer KV entries each, a lower tau:
     see the spec-decode ablation). The drafter's forward cost barely depends on its context on a
     CPU, so with room to spare every visual token is kept."""
 
-    cost: CostModel
+    cost: CostModel  # calibrated forward curves: the fits' starting point
     # (nodes, depth); deep chains pay off once the drafter agrees often (single user, shipped
     # models: depth <= 7 gave 1.54x plain decoding, these 1.71x, measured side by side)
     candidates: tuple[tuple[int, int], ...] = ((0, 0), (2, 2), (4, 3), (6, 6), (8, 8), (12, 10), (16, 12))
-    smoothing: float = 0.3  # weight of the newest step in the measured/predicted ratios
     # (drafter KV use below which, r): the first row that applies wins; above all rows, the last r
     ratio_by_kv_use: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.8, 0.5), (1.0, 0.25))
+    explore_every: int = 8  # decode steps between tries of a neighbouring budget (0: never)
+    explore_margin: float = 0.15  # ... if it is predicted within this fraction of the best
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(max(d for _, d in self.candidates))
-        self.overhead = {False: 1.0, True: 1.0}  # drafting? -> measured / predicted step time
+        self.verify_fit = OnlineLinearFit(prior=(1.0, 0.0, 0.0))
+        self.draft_fit = OnlineLinearFit(prior=(self.cost.drafter(1), 0.0))
+        self._decode_steps = 0
+        self._step_tokens = 0  # tokens this step's requests emitted (from observe)
 
     def budget(self, load: StepLoad) -> DraftBudget:
         b = max(load.num_sampling, 1)
-        best = max(self.candidates, key=lambda c: self._rate(b, load.prefill_tokens, *c))
+        best = max(self.candidates, key=lambda c: self._rate(b, *c))
+        if not load.prefill_tokens:
+            best = self._explore(b, best)
         return DraftBudget(max_nodes=best[0], max_depth=best[1]) if best[0] else NO_DRAFT
 
     def compression(self, load: StepLoad) -> float:
@@ -141,23 +177,33 @@ class LoadAwareDraft:
         if budget.max_depth:
             self.acceptance.observe(budget.max_depth, accepted_depth)
 
-    def observe_step(self, load: StepLoad, budget: DraftBudget, step_ms: float) -> None:
-        if load.num_sampling:
-            predicted = self._step_ms(
-                load.num_sampling, load.prefill_tokens, budget.max_nodes, budget.max_depth
-            )
-            drafting = budget.max_nodes > 0
-            ratio = step_ms / max(predicted, 1e-6)
-            self.overhead[drafting] += self.smoothing * (ratio - self.overhead[drafting])
+    def observe_step(self, record: StepRecord) -> None:
+        b, depth = record.load.num_sampling, record.budget.max_depth
+        if record.verify_tokens:
+            features = (self.cost.verifier(record.verify_tokens), b, record.tree_nodes)
+            self.verify_fit.add(features, record.verify_ms, weight=relative(record.verify_ms))
+        if depth and record.tree_nodes:  # the drafter ran (not only for requests still in prefill)
+            self.draft_fit.add((depth, depth * b), record.draft_ms, weight=relative(record.draft_ms))
 
-    def _rate(self, b: int, prefill: int, nodes: int, depth: int) -> float:
-        step_ms = self._step_ms(b, prefill, nodes, depth) * self.overhead[nodes > 0]
-        return b * self.acceptance.expected_tokens(depth) / step_ms
+    def step_ms(self, b: int, prefill: int, nodes: int, depth: int) -> float:
+        """Predicted milliseconds of a step of ``b`` sampling requests with trees of this budget."""
+        verify = self.verify_fit.predict((self.cost.verifier(prefill + b * (1 + nodes)), b, b * nodes))
+        return verify + (self.draft_fit.predict((depth, depth * b)) if nodes else 0.0)
 
-    def _step_ms(self, b: int, prefill: int, nodes: int, depth: int) -> float:
-        verify_ms = self.cost.verifier(prefill + b * (1 + nodes))
-        draft_ms = depth * self.cost.drafter(b * max(1, nodes // max(depth, 1))) if nodes else 0.0
-        return verify_ms + draft_ms
+    def _rate(self, b: int, nodes: int, depth: int) -> float:
+        return b * self.acceptance.expected_tokens(depth) / max(self.step_ms(b, 0, nodes, depth), 1e-6)
+
+    def _explore(self, b: int, best: tuple[int, int]) -> tuple[int, int]:
+        """``best``, or on every ``explore_every``-th decode step a neighbour of it predicted to
+        be within ``explore_margin`` of it (a clearly worse one teaches nothing worth its cost)."""
+        self._decode_steps += 1
+        if not self.explore_every or self._decode_steps % self.explore_every:
+            return best
+        i = self.candidates.index(best)
+        neighbours = [self.candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(self.candidates)]
+        pick = neighbours[(self._decode_steps // self.explore_every) % len(neighbours)]
+        close = self._rate(b, *pick) >= (1 - self.explore_margin) * self._rate(b, *best)
+        return pick if close else best
 
 
 POLICIES: dict[str, Callable[..., Any]] = {"none": NoDraft, "fixed": FixedDraft, "load_aware": LoadAwareDraft}

@@ -18,7 +18,7 @@ from core.plan import RequestOutput, StepPlan
 from core.verify import VerifyItem, VerifyOutcome
 from kvcache.block_pool import BlockPool, IntegrityError
 from kvcache.sequence_blocks import SequenceBlocks
-from scheduler.policies import DraftPolicy, StepLoad
+from scheduler.policies import DraftPolicy, StepLoad, StepRecord
 from scheduler.request import RequestState, Status
 
 
@@ -50,6 +50,7 @@ class Scheduler:
         self.requests: dict[int, RequestState] = {}
         self._budgets: dict[int, DraftBudget] = {}
         self._last_step: tuple[StepLoad, DraftBudget] | None = None
+        self._verify_tokens = self._tree_nodes = 0  # tokens of the last verified step, its tree nodes
 
     # -- requests -------------------------------------------------------------------------
 
@@ -116,9 +117,12 @@ class Scheduler:
     def update(self, plan: StepPlan, outcomes: Sequence[VerifyOutcome]) -> list[RequestOutput]:
         """Commit each request's accepted KV, append its tokens, finish what is done."""
         outputs = []
+        self._verify_tokens = self._tree_nodes = 0
         for item, out in zip(plan.items, outcomes, strict=True):
             req = self.requests[item.request_id]
             n = int(item.token_ids.shape[0])
+            self._verify_tokens += n + out.num_draft
+            self._tree_nodes += out.num_draft
             assert req.blocks is not None
             req.blocks.commit(n + out.num_draft, [*range(n), *(n + a for a in out.accepted_nodes)])
             if not item.emits:
@@ -136,10 +140,12 @@ class Scheduler:
             )
         return outputs
 
-    def record_step_time(self, step_ms: float) -> None:
-        """Tell the policy how long the step just scheduled took, draft and verify included."""
+    def record_step_time(self, draft_ms: float, verify_ms: float) -> None:
+        """Tell the policy how long the step just updated took to draft and to verify."""
         if self._last_step is not None:
-            self.policy.observe_step(*self._last_step, step_ms)
+            load, budget = self._last_step
+            record = StepRecord(load, budget, self._verify_tokens, self._tree_nodes, draft_ms, verify_ms)
+            self.policy.observe_step(record)
 
     def check_integrity(self) -> None:
         """Raise ``IntegrityError`` unless every used block belongs to a running request."""
