@@ -3,12 +3,14 @@
 For each concurrency C, a closed loop keeps C ShapesWorld requests in flight in one engine
 (continuous batching: a new request joins as soon as one finishes) until ``--waves`` x C requests
 are answered; every policy (``none``, ``fixed`` with k = 2, 4, 8 nodes in a chain,
-``load_aware``) gets the same requests, in rotating order, on engines built once.
+``load_aware``) gets the same requests, in rotating order, on engines built once. Before the
+timed runs of a level, each engine serves ``--warmup`` untimed passes of it (a server that has
+been under this load a while: warm caches, and ``load_aware`` has measured its steps there).
 Per-token latency: the time between a request's consecutive outputs divided by the tokens in the
 later one (the first token, i.e. time to first token, is left out).
 
     .venv/bin/python -m benchmarks.concurrency [--levels 1 2 4 8 16 32] [--max-tokens 48] [--repeats 3]
-        [--waves 4]
+        [--waves 4] [--warmup 1]
 
 With ``--repeats`` > 1 every (level, policy) runs that many times, interleaved, and each number
 reported is the median over the runs (single runs at one level vary by tens of percent here).
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--waves", type=int, default=4, help="requests per level = waves x concurrency")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes per policy and level")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     engines = {
@@ -102,6 +105,9 @@ def main() -> None:
     for i, level in enumerate(args.levels):
         samples = [make_sample(EVAL_SEED_START + 2000 + j) for j in range(args.waves * level)]
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for name in names:  # one untimed pass: caches warm, load_aware has seen this load
+            for _ in range(args.warmup):
+                run_level(engines[name], samples, params, level)
         for r in range(args.repeats):
             shift = (i + r) % len(names)  # rotate the order between levels and repeats
             for name in names[shift:] + names[:shift]:
@@ -115,6 +121,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
         "waves": args.waves,
+        "warmup": args.warmup,
         "machine": machine_info(),
         "policies": results,
     }

@@ -9,11 +9,12 @@ how many tree nodes were accepted, so adaptive policies can learn the acceptance
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core.draft import NO_DRAFT, DraftBudget
 from scheduler.cost import CostModel, OnlineLinearFit
+from scheduler.throughput import MeasuredRates, load_bucket
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,12 @@ class LoadAwareDraft:
     next to them, when its drafting and verifying really take as long as in a decode step.
 
     The fits start from the calibrated curves and follow every measured step, weighing relative
-    errors (a 10 ms decode step counts as much as a 100 ms prompt step), so trees shrink
-    as the batch grows exactly as fast as this machine makes them pay. Every ``explore_every``-th
+    errors (a 10 ms decode step counts as much as a 100 ms prompt step), so trees shrink as the
+    batch grows as fast as this machine makes them pay. Where a budget rarely runs (a tree for
+    many requests) the fits are pulled by the loads where it runs often, so each decode step also
+    records its measured and predicted tokens per millisecond per (load bucket, budget); their
+    ratio corrects that budget's later predictions at that load (an untried one is taken at its
+    prediction, so it gets tried when the prediction says it is best). Every ``explore_every``-th
     decode step tries a neighbour of the best budget (one smaller, one larger, alternately) when
     it is predicted to be nearly as good, so the acceptance at depths next to the chosen one
     stays measured where the choice is close.
@@ -146,12 +151,15 @@ class LoadAwareDraft:
 
     cost: CostModel  # calibrated forward curves: the fits' starting point
     # (nodes, depth); deep chains pay off once the drafter agrees often (single user, shipped
-    # models: depth <= 7 gave 1.54x plain decoding, these 1.71x, measured side by side)
-    candidates: tuple[tuple[int, int], ...] = ((0, 0), (2, 2), (4, 3), (6, 6), (8, 8), (12, 10), (16, 12))
+    # models: depth <= 7 gave 1.54x plain decoding, 8-12 1.71x, measured side by side); a chain
+    # of 4 is the best fixed budget for 1-2 users when answers run on past their end
+    candidates: tuple[tuple[int, int], ...] = ((0, 0), (2, 2), (4, 4), (6, 6), (8, 8), (12, 10), (16, 12))
     # (drafter KV use below which, r): the first row that applies wins; above all rows, the last r
     ratio_by_kv_use: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.8, 0.5), (1.0, 0.25))
     explore_every: int = 8  # decode steps between tries of a neighbouring budget (0: never)
-    explore_margin: float = 0.15  # ... if it is predicted within this fraction of the best
+    explore_margin: float = 0.3  # ... if it is predicted within this fraction of the best
+    min_measured_steps: int = 4  # decode steps of a budget at a load before its correction counts
+    measured: MeasuredRates = field(default_factory=MeasuredRates)
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(max(d for _, d in self.candidates))
@@ -174,11 +182,17 @@ class LoadAwareDraft:
         return self.ratio_by_kv_use[-1][1]
 
     def observe(self, budget: DraftBudget, accepted_depth: int) -> None:
+        self._step_tokens += accepted_depth + 1  # the accepted nodes and the target's own token
         if budget.max_depth:
             self.acceptance.observe(budget.max_depth, accepted_depth)
 
     def observe_step(self, record: StepRecord) -> None:
         b, depth = record.load.num_sampling, record.budget.max_depth
+        tokens, self._step_tokens = self._step_tokens, 0
+        step_ms = record.draft_ms + record.verify_ms
+        if b and not record.load.prefill_tokens and step_ms > 0:
+            key = (record.budget.max_nodes, depth)
+            self.measured.add(load_bucket(b), key, tokens / step_ms, self._predicted_rate(b, *key))
         if record.verify_tokens:
             features = (self.cost.verifier(record.verify_tokens), b, record.tree_nodes)
             self.verify_fit.add(features, record.verify_ms, weight=relative(record.verify_ms))
@@ -190,8 +204,14 @@ class LoadAwareDraft:
         verify = self.verify_fit.predict((self.cost.verifier(prefill + b * (1 + nodes)), b, b * nodes))
         return verify + (self.draft_fit.predict((depth, depth * b)) if nodes else 0.0)
 
-    def _rate(self, b: int, nodes: int, depth: int) -> float:
+    def _predicted_rate(self, b: int, nodes: int, depth: int) -> float:
         return b * self.acceptance.expected_tokens(depth) / max(self.step_ms(b, 0, nodes, depth), 1e-6)
+
+    def _rate(self, b: int, nodes: int, depth: int) -> float:
+        """Tokens per millisecond of a decode step: predicted, times what this budget delivered
+        against its predictions at this load (untried there: the prediction as it is)."""
+        correction = self.measured.correction(load_bucket(b), (nodes, depth), self.min_measured_steps)
+        return self._predicted_rate(b, nodes, depth) * (1.0 if correction is None else correction)
 
     def _explore(self, b: int, best: tuple[int, int]) -> tuple[int, int]:
         """``best``, or on every ``explore_every``-th decode step a neighbour of it predicted to

@@ -18,6 +18,7 @@ from scheduler.policies import (
     StepRecord,
     make_policy,
 )
+from scheduler.throughput import MeasuredRates, load_bucket
 
 
 def test_unknown_policy_name_lists_the_known_ones() -> None:
@@ -316,3 +317,53 @@ def test_load_aware_prompt_tokens_do_not_make_trees_look_cheap() -> None:
     policy = LoadAwareDraft(cost=_steep_cost(), explore_every=0)
     assert policy.budget(StepLoad(32, 0)) == NO_DRAFT
     assert policy.budget(StepLoad(32, prefill_tokens=500)) == NO_DRAFT
+
+
+def test_load_aware_finds_that_trees_stop_paying_at_one_load_only() -> None:
+    # verifying trees for 8 requests costs 4x the forwards' time (padding, masks), for 1 request
+    # as predicted: exploring every 2nd step, both budgets run at both loads and are measured
+    policy = LoadAwareDraft(
+        cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=2, explore_margin=1.0
+    )
+    assert policy.budget(StepLoad(8, 0)) == DraftBudget(2, 2)
+    for _ in range(10):
+        for b in (1, 8):
+            draft, verify = _as_predicted(policy, b)
+            dear = 4.0 if b == 8 else 1.0
+            cost = lambda budget, v=verify, d=dear: v(budget) * (d if budget.max_nodes else 1.0)  # noqa: E731
+            _run_steps(policy, StepLoad(b, 0), 3, draft, cost, accepted=2)
+    policy.explore_every = 0
+    assert policy.budget(StepLoad(8, 0)) == NO_DRAFT
+    assert policy.budget(StepLoad(1, 0)) == DraftBudget(2, 2)
+    assert policy.measured.steps(load_bucket(8), (0, 0)) >= 4  # measured there, not only predicted
+
+
+@pytest.mark.parametrize(("b", "bucket"), [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (7, 3), (8, 4), (32, 6)])
+def test_load_buckets_double(b: int, bucket: int) -> None:
+    assert load_bucket(b) == bucket
+
+
+def test_measured_correction_needs_min_steps_and_fades_old_steps() -> None:
+    rates = MeasuredRates(decay=0.5)
+    rates.add(1, (4, 4), measured=1.0, predicted=2.0)
+    assert rates.correction(1, (4, 4), min_steps=2) is None
+    assert rates.correction(1, (4, 4), min_steps=1) == 0.5
+    rates.add(1, (4, 4), measured=2.0, predicted=2.0)  # (0.5 * 1 + 2) / (0.5 * 2 + 2)
+    assert rates.correction(1, (4, 4), min_steps=2) == pytest.approx(2.5 / 3)
+    assert rates.correction(2, (4, 4), min_steps=1) is None
+
+
+def test_measured_rates_reject_a_decay_outside_0_1() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        MeasuredRates(decay=0.0)
+
+
+def test_load_aware_scales_a_budgets_prediction_by_its_measured_correction_at_that_load() -> None:
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=0)
+    assert policy.budget(StepLoad(4, 0)) == DraftBudget(2, 2)
+    for _ in range(3):  # fewer steps than min_measured_steps: not trusted yet
+        policy.measured.add(load_bucket(4), (2, 2), measured=0.1, predicted=1.0)
+    assert policy.budget(StepLoad(4, 0)) == DraftBudget(2, 2)
+    policy.measured.add(load_bucket(4), (2, 2), measured=0.1, predicted=1.0)
+    assert policy.budget(StepLoad(4, 0)) == NO_DRAFT  # delivered a tenth of its prediction there
+    assert policy.budget(StepLoad(2, 0)) == DraftBudget(2, 2)  # another load: untouched
