@@ -64,8 +64,9 @@ class OnlineLinearFit:
         return max(sum(w * v for w, v in zip(self.weights, x, strict=True)), 0.0)
 
     def _solve(self) -> list[float]:
-        """(XX + lambda * diag(XX + 1)) w = Xy + lambda * diag(XX + 1) w0, by Gaussian elimination;
-        scaling the prior by each feature's own magnitude keeps it fair across units."""
+        """(XX + lambda * D) w = Xy + lambda * D w0 with D = diag(mean x_i^2 per observation), by
+        Gaussian elimination; scaling the prior by each feature's own magnitude keeps it fair
+        across units (milliseconds of curve, requests, tree nodes)."""
         n, lam = len(self.prior), self.prior_weight
         scale = [self._xx[i][i] / max(self._count, 1e-9) + 1e-9 for i in range(n)]
         a = [[self._xx[i][j] + (lam * scale[i] if i == j else 0.0) for j in range(n)] for i in range(n)]
