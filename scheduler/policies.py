@@ -131,7 +131,9 @@ class LoadAwareDraft:
 
     A step's prompt tokens cost the same whatever its trees, so the choice is made as for a
     decode step of the same B: counting their cost in the rate would make any tree look cheap
-    next to them, when its drafting and verifying really take as long as in a decode step.
+    next to them, when its drafting and verifying really take as long as in a decode step. Such
+    a step also carries the drafter's prefill of newly admitted requests when it drafts, which
+    decode steps do not show, so there trees must beat plain decoding by ``prompt_margin``.
 
     The fits start from the calibrated curves and follow every measured step, weighing relative
     errors (a 10 ms decode step counts as much as a 100 ms prompt step), so trees shrink as the
@@ -159,6 +161,7 @@ class LoadAwareDraft:
     explore_every: int = 8  # decode steps between tries of a neighbouring budget (0: never)
     explore_margin: float = 0.3  # ... if it is predicted within this fraction of the best
     min_measured_steps: int = 4  # decode steps of a budget at a load before its correction counts
+    prompt_margin: float = 0.1  # in a step with prompt tokens, trees must beat plain by this much
     measured: MeasuredRates = field(default_factory=MeasuredRates)
 
     def __post_init__(self) -> None:
@@ -173,6 +176,10 @@ class LoadAwareDraft:
         best = max(self.candidates, key=lambda c: self._rate(b, *c))
         if not load.prefill_tokens:
             best = self._explore(b, best)
+        elif (0, 0) in self.candidates and self._rate(b, *best) < (1 + self.prompt_margin) * self._rate(
+            b, 0, 0
+        ):
+            best = (0, 0)  # newcomers' drafter prefill rides on this step too: trees must clearly win
         return DraftBudget(max_nodes=best[0], max_depth=best[1]) if best[0] else NO_DRAFT
 
     def compression(self, load: StepLoad) -> float:

@@ -367,3 +367,16 @@ def test_load_aware_scales_a_budgets_prediction_by_its_measured_correction_at_th
     policy.measured.add(load_bucket(4), (2, 2), measured=0.1, predicted=1.0)
     assert policy.budget(StepLoad(4, 0)) == NO_DRAFT  # delivered a tenth of its prediction there
     assert policy.budget(StepLoad(2, 0)) == DraftBudget(2, 2)  # another load: untouched
+
+
+@pytest.mark.parametrize(("advantage", "prompt_step_drafts"), [(1.05, False), (1.2, True)])
+def test_load_aware_drafts_in_prompt_steps_only_when_trees_clearly_win(
+    advantage: float, prompt_step_drafts: bool
+) -> None:
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=0)
+    plain, tree = policy._rate(4, 0, 0), policy._rate(4, 2, 2)
+    for _ in range(4):  # measured: trees deliver ``advantage`` x what plain decoding is predicted to
+        policy.measured.add(load_bucket(4), (2, 2), measured=advantage * plain, predicted=tree)
+    assert policy.budget(StepLoad(4, 0)) == DraftBudget(2, 2)  # decode step: any advantage counts
+    with_prompt = policy.budget(StepLoad(4, prefill_tokens=30))
+    assert with_prompt == (DraftBudget(2, 2) if prompt_step_drafts else NO_DRAFT)
