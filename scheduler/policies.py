@@ -176,10 +176,8 @@ class LoadAwareDraft:
         best = max(self.candidates, key=lambda c: self._rate(b, *c))
         if not load.prefill_tokens:
             best = self._explore(b, best)
-        elif (0, 0) in self.candidates and self._rate(b, *best) < (1 + self.prompt_margin) * self._rate(
-            b, 0, 0
-        ):
-            best = (0, 0)  # newcomers' drafter prefill rides on this step too: trees must clearly win
+        elif (0, 0) in self.candidates and not self._clearly_beats_plain(b, best):
+            best = (0, 0)  # newcomers' drafter prefill rides on this step too
         return DraftBudget(max_nodes=best[0], max_depth=best[1]) if best[0] else NO_DRAFT
 
     def compression(self, load: StepLoad) -> float:
@@ -219,6 +217,9 @@ class LoadAwareDraft:
         against its predictions at this load (untried there: the prediction as it is)."""
         correction = self.measured.correction(load_bucket(b), (nodes, depth), self.min_measured_steps)
         return self._predicted_rate(b, nodes, depth) * (1.0 if correction is None else correction)
+
+    def _clearly_beats_plain(self, b: int, budget: tuple[int, int]) -> bool:
+        return self._rate(b, *budget) >= (1 + self.prompt_margin) * self._rate(b, 0, 0)
 
     def _explore(self, b: int, best: tuple[int, int]) -> tuple[int, int]:
         """``best``, or on every ``explore_every``-th decode step a neighbour of it predicted to
