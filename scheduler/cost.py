@@ -44,7 +44,6 @@ class OnlineLinearFit:
         self._xx = [[0.0] * n for _ in range(n)]  # decayed sum of x x^T
         self._xy = [0.0] * n  # decayed sum of x y
         self.weights = list(prior)
-        self.observations = 0
         self._count = 0.0  # decayed number of observations
 
     def add(self, x: tuple[float, ...], y: float, weight: float = 1.0) -> None:
@@ -56,7 +55,6 @@ class OnlineLinearFit:
             self._xy[i] = self.decay * self._xy[i] + weight * x[i] * y
             for j in range(n):
                 self._xx[i][j] = self.decay * self._xx[i][j] + weight * x[i] * x[j]
-        self.observations += 1
         self._count = self.decay * self._count + 1
         self.weights = self._solve()
 

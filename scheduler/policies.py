@@ -173,11 +173,12 @@ class LoadAwareDraft:
 
     def budget(self, load: StepLoad) -> DraftBudget:
         b = max(load.num_sampling, 1)
-        best = max(self.candidates, key=lambda c: self._rate(b, *c))
+        rates = {c: self._rate(b, *c) for c in self.candidates}
+        best = max(self.candidates, key=rates.__getitem__)
         if not load.prefill_tokens:
-            best = self._explore(b, best)
-        elif (0, 0) in self.candidates and not self._clearly_beats_plain(b, best):
-            best = (0, 0)  # newcomers' drafter prefill rides on this step too
+            best = self._explore(rates, best)
+        elif (0, 0) in rates and rates[best] < (1 + self.prompt_margin) * rates[(0, 0)]:
+            best = (0, 0)  # newcomers' drafter prefill rides on this step too: trees must clearly win
         return DraftBudget(max_nodes=best[0], max_depth=best[1]) if best[0] else NO_DRAFT
 
     def compression(self, load: StepLoad) -> float:
@@ -204,13 +205,13 @@ class LoadAwareDraft:
         if depth and record.tree_nodes:  # the drafter ran (not only for requests still in prefill)
             self.draft_fit.add((depth, depth * b), record.draft_ms, weight=relative(record.draft_ms))
 
-    def step_ms(self, b: int, prefill: int, nodes: int, depth: int) -> float:
-        """Predicted milliseconds of a step of ``b`` sampling requests with trees of this budget."""
-        verify = self.verify_fit.predict((self.cost.verifier(prefill + b * (1 + nodes)), b, b * nodes))
+    def step_ms(self, b: int, nodes: int, depth: int) -> float:
+        """Predicted milliseconds of a decode step of ``b`` requests with trees of this budget."""
+        verify = self.verify_fit.predict((self.cost.verifier(b * (1 + nodes)), b, b * nodes))
         return verify + (self.draft_fit.predict((depth, depth * b)) if nodes else 0.0)
 
     def _predicted_rate(self, b: int, nodes: int, depth: int) -> float:
-        return b * self.acceptance.expected_tokens(depth) / max(self.step_ms(b, 0, nodes, depth), 1e-6)
+        return b * self.acceptance.expected_tokens(depth) / max(self.step_ms(b, nodes, depth), 1e-6)
 
     def _rate(self, b: int, nodes: int, depth: int) -> float:
         """Tokens per millisecond of a decode step: predicted, times what this budget delivered
@@ -218,20 +219,18 @@ class LoadAwareDraft:
         correction = self.measured.correction(load_bucket(b), (nodes, depth), self.min_measured_steps)
         return self._predicted_rate(b, nodes, depth) * (1.0 if correction is None else correction)
 
-    def _clearly_beats_plain(self, b: int, budget: tuple[int, int]) -> bool:
-        return self._rate(b, *budget) >= (1 + self.prompt_margin) * self._rate(b, 0, 0)
-
-    def _explore(self, b: int, best: tuple[int, int]) -> tuple[int, int]:
-        """``best``, or on every ``explore_every``-th decode step a neighbour of it predicted to
-        be within ``explore_margin`` of it (a clearly worse one teaches nothing worth its cost)."""
+    def _explore(self, rates: dict[tuple[int, int], float], best: tuple[int, int]) -> tuple[int, int]:
+        """``best``, or on every ``explore_every``-th decode step a neighbour of it whose rate is
+        within ``explore_margin`` of it (a clearly worse one teaches nothing worth its cost)."""
         self._decode_steps += 1
         if not self.explore_every or self._decode_steps % self.explore_every:
             return best
         i = self.candidates.index(best)
         neighbours = [self.candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(self.candidates)]
+        if not neighbours:
+            return best
         pick = neighbours[(self._decode_steps // self.explore_every) % len(neighbours)]
-        close = self._rate(b, *pick) >= (1 - self.explore_margin) * self._rate(b, *best)
-        return pick if close else best
+        return pick if rates[pick] >= (1 - self.explore_margin) * rates[best] else best
 
 
 POLICIES: dict[str, Callable[..., Any]] = {"none": NoDraft, "fixed": FixedDraft, "load_aware": LoadAwareDraft}
