@@ -11,7 +11,10 @@ Contenders, each answering the same ShapesWorld prompts one after another (greed
 Every contender must produce the same tokens (checked); each repeat runs all of them, rotating the
 order, and the tables report medians. ``--mode forced`` generates exactly ``--max-tokens`` per
 prompt (end-of-turn ignored, so answers run on into what the models never learned: a lower bound on
-tau); ``--mode natural`` stops at the end of the answer.
+tau); ``--mode natural`` stops at the end of the answer (mixed question kinds, ~11 tokens);
+``--mode long`` asks the demo user bob (detailed style) to describe scenes of 4-5 shapes, whose
+natural answers run 50-80 tokens, and adds ours and transformers' assisted generation with bob's
+drafter adapter (merged into the assistant for transformers, which takes one assistant model).
 
     .venv/bin/python -m benchmarks.spec_decode [--prompts 20] [--repeats 3] [--mode natural]
 """
@@ -36,6 +39,7 @@ from serve.engine_builder import EngineOptions, build_engine
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 TARGET, DRAFTER = CHECKPOINTS / "tiny-target", CHECKPOINTS / "tiny-drafter"
+LONG_USER = "bob"  # detailed answers; his adapter ships in checkpoints/adapters/bob
 
 
 @dataclass
@@ -44,14 +48,24 @@ class Outcome:
     tau: float | None = None  # tokens per verify step, over all prompts
 
 
-def ours(options: EngineOptions, spec: bool) -> Callable[[list[Any], SamplingParams], Outcome]:
+def ours(
+    options: EngineOptions, spec: bool, adapter: str | None = None
+) -> Callable[[list[Any], SamplingParams], Outcome]:
+    if adapter is not None:
+        options = replace(options, adapters=((adapter, CHECKPOINTS / "adapters" / adapter),))
     built = build_engine(TARGET, DRAFTER if spec else None, options)
 
     def run(samples: list[Any], params: SamplingParams) -> Outcome:
         tokens, steps = [], 0
         for s in samples:
             prompt = chat_prompt(built.processor, s.question.text, [s.image()], s.system)
-            [out] = built.engine.generate([prompt], params)
+            request_id = built.engine.add_request(prompt, params, adapter=adapter)
+            out = None
+            while out is None:
+                out = next(
+                    (o for o in built.engine.step() if o.finished and o.request_id == request_id), None
+                )
+            out = built.engine.completion(out)
             tokens.append(list(out.token_ids))
             steps += out.stats.verify_steps
         return Outcome(tokens, sum(len(t) for t in tokens) / steps)
@@ -59,12 +73,19 @@ def ours(options: EngineOptions, spec: bool) -> Callable[[list[Any], SamplingPar
     return run
 
 
-def transformers_runner(assisted: bool) -> Callable[[list[Any], SamplingParams], Outcome]:
+def transformers_runner(
+    assisted: bool, adapter: str | None = None
+) -> Callable[[list[Any], SamplingParams], Outcome]:
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
     load = AutoModelForImageTextToText.from_pretrained
     target = load(TARGET, local_files_only=True, dtype=torch.float32).eval()
     assistant = load(DRAFTER, local_files_only=True, dtype=torch.float32).eval() if assisted else None
+    if assistant is not None and adapter is not None:
+        from peft import PeftModel
+
+        assistant = PeftModel.from_pretrained(assistant, CHECKPOINTS / "adapters" / adapter)
+        assistant = assistant.merge_and_unload().eval()
     processor = AutoProcessor.from_pretrained(TARGET, local_files_only=True)
 
     @torch.inference_mode()
@@ -88,7 +109,16 @@ def transformers_runner(assisted: bool) -> Callable[[list[Any], SamplingParams],
     return run
 
 
-def contenders(base: EngineOptions) -> dict[str, Callable[[list[Any], SamplingParams], Outcome]]:
+def contenders(base: EngineOptions, mode: str) -> dict[str, Callable[[list[Any], SamplingParams], Outcome]]:
+    if mode == "long":
+        return {
+            "ours_spec": ours(base, spec=True),
+            "ours_spec_adapter": ours(base, spec=True, adapter=LONG_USER),
+            "ours_no_spec": ours(base, spec=False),
+            "hf_generate": transformers_runner(assisted=False),
+            "hf_assisted": transformers_runner(assisted=True),
+            "hf_assisted_adapter": transformers_runner(assisted=True, adapter=LONG_USER),
+        }
     return {
         "ours_spec": ours(base, spec=True),
         "ours_no_spec": ours(base, spec=False),
@@ -102,18 +132,27 @@ def contenders(base: EngineOptions) -> dict[str, Callable[[list[Any], SamplingPa
     }
 
 
+def prompts(mode: str, n: int) -> list[Any]:
+    """Mixed question kinds in the default style; for ``long``, bob describing 4-5 shapes."""
+    if mode != "long":
+        return [make_sample(EVAL_SEED_START + 500 + i) for i in range(n)]
+    seeds = (EVAL_SEED_START + 500 + i for i in range(100_000))
+    scenes = (make_sample(seed, LONG_USER, kind="describe") for seed in seeds)
+    return [s for _, s in zip(range(n), (s for s in scenes if len(s.scene.objects) >= 4), strict=False)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--mode", choices=("natural", "forced"), default="forced")
+    parser.add_argument("--mode", choices=("natural", "forced", "long"), default="forced")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="run only these contenders")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    samples = [make_sample(EVAL_SEED_START + 500 + i) for i in range(args.prompts)]  # mixed kinds
+    samples = prompts(args.mode, args.prompts)
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.mode == "forced")
-    runners = contenders(EngineOptions(tree=TreeShape()))
+    runners = contenders(EngineOptions(tree=TreeShape()), args.mode)
     runners = {k: v for k, v in runners.items() if not args.only or k in args.only}
     results: dict[str, Outcome] = {}
 
@@ -145,16 +184,18 @@ def summarize(
         }
     speed = {name: row["tokens_per_s"] for name, row in rows.items()}
     heads = {}
-    if "ours_spec" in speed:
-        for other in ("ours_no_spec", "hf_generate", "hf_assisted"):
-            if other in speed:
-                heads[f"ours_spec_over_{other}"] = round(speed["ours_spec"] / speed[other], 3)
-        heads["tau"] = round(rows["ours_spec"]["tau"], 3)
+    for ours_name in ("ours_spec", "ours_spec_adapter"):
+        if ours_name in speed:
+            for other in ("ours_no_spec", "hf_generate", "hf_assisted", "hf_assisted_adapter"):
+                if other in speed:
+                    heads[f"{ours_name}_over_{other}"] = round(speed[ours_name] / speed[other], 3)
+            heads[f"tau_{ours_name}"] = round(rows[ours_name]["tau"], 3)
     return {
         "benchmark": "spec_decode",
         "mode": args.mode,
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
+        "mean_output_tokens": sum(len(t) for t in ref.tokens) / len(ref.tokens),
         "repeats": args.repeats,
         "machine": machine_info(),
         "headlines": heads,

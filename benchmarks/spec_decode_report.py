@@ -11,7 +11,8 @@ def markdown(report: dict[str, Any]) -> str:
     base = rows.get("ours_no_spec", {}).get("tokens_per_s")
     lines = [
         f"Single user, greedy, {report['prompts']} ShapesWorld prompts, mode `{report['mode']}` "
-        f"(max {report['max_tokens']} new tokens), median of {report['repeats']} interleaved repeats.",
+        f"(max {report['max_tokens']} new tokens, {report.get('mean_output_tokens', 0):.1f} on average), "
+        f"median of {report['repeats']} interleaved repeats.",
         "",
         "| contender | tokens/s | vs ours no-spec | tau | same tokens |",
         "| --- | ---: | ---: | ---: | :---: |",

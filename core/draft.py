@@ -38,6 +38,7 @@ class DraftRequest:
     output_ids: tuple[int, ...]  # every verified output token; the last one is the tree's root
     budget: DraftBudget
     sampling: SamplingParams
+    adapter: str | None = None  # the user's drafter LoRA; None = the base drafter
 
     def __post_init__(self) -> None:
         if self.budget.max_nodes == 0:

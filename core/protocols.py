@@ -18,6 +18,11 @@ class Drafter(Protocol):
         replacement from the ``draft_probs`` it reports. Leaves no tree KV behind."""
         ...
 
+    def has_adapter(self, name: str) -> bool:
+        """Whether a new request may name the LoRA adapter ``name`` (its drafts, never its
+        output, depend on it)."""
+        ...
+
     def release(self, request_id: int) -> None:
         """Forget a request (finished, aborted or preempted) and free its KV; unknown ids are fine."""
         ...

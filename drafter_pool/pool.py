@@ -5,6 +5,12 @@ date (its prompt the first time, then the tokens verified since) and yields the 
 distribution, then one forward per tree depth. A level's forward carries each request's nodes
 chosen so far with their ancestor mask, written after the committed KV; when the tree is done
 those entries are dropped again, so the pool only ever keeps verified tokens.
+
+A request may name a LoRA adapter (its user's); its tokens then go through that adapter in the
+same forwards as everyone else's (``models.multi_lora``). A LoRA changes the drafter's KV, so KV
+lives in the namespace of the adapter it was computed with: each request's blocks are private and
+tagged with its adapter, which the request pins (never evicted or replaced) until the drafter
+releases it. A prefix cache that shares drafter blocks must key them by that adapter too.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ from core.forward_batch import SequenceInput, pack
 from core.prompt import EncodedPrompt
 from core.sampling import SamplingParams, probs_from_logits
 from core.tree import ROOT, DraftTree
+from drafter_pool.adapters import AdapterError, AdapterRegistry
 from drafter_pool.compression import get_compressor
 from drafter_pool.tree_search import TreeGrower, TreeShape
 from kvcache.block_pool import BlockPool, IntegrityError
 from kvcache.sequence_blocks import SequenceBlocks
 from models.loader import LoadedModel
+from models.multi_lora import NO_ADAPTER, LoraBatch
 from models.prompt_encoder import PromptEncoder
 
 DRAFT_SEED_SALT = 0x5EED_D4AF  # the drafter's stream differs from the verifier's for one seed
@@ -52,6 +60,8 @@ class _Drafting:
     num_outputs: int  # output tokens whose KV is committed
     next_position: int  # RoPE position of the next token
     generator: torch.Generator
+    adapter: str | None = None  # the pinned LoRA its KV was computed with; None = base drafter
+    slot: int = NO_ADAPTER  # that adapter's slot
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,10 @@ class DrafterPool:
         shape: TreeShape | None = None,
         compression: str = "salient",
         seed: int = 0,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.model = model
+        self.adapters = adapters
         self.pool = BlockPool(model.decoder.kv_layout(num_blocks, block_size))
         self.encoder = PromptEncoder(model)
         self.shape = shape or TreeShape()
@@ -87,6 +99,7 @@ class DrafterPool:
         and loses its drafter KV; it is prefilled again when it next gets a tree."""
         pending = {r.request_id: self._pending(r) for r in requests}
         ready = [r for r in requests if pending[r.request_id] is not None]
+        ready.sort(key=lambda r: self.states[r.request_id].slot)  # adapter tokens packed by slot
         growers = self._catch_up(ready, [pending[r.request_id] for r in ready]) if ready else []
         levels = self._next_levels(
             [(g, self.states[r.request_id]) for g, r in zip(growers, ready, strict=True)]
@@ -99,14 +112,25 @@ class DrafterPool:
         trees = {r.request_id: g.proposal(r.request_id) for g, r in zip(growers, ready, strict=True)}
         return [trees.get(r.request_id) or empty_proposal(r.request_id) for r in requests]
 
+    def has_adapter(self, name: str) -> bool:
+        return self.adapters is not None and self.adapters.has(name)
+
     def release(self, request_id: int) -> None:
         state = self.states.pop(request_id, None)
         if state is not None:
             state.blocks.release()
+            if state.adapter is not None and self.adapters is not None:
+                self.adapters.release(state.adapter)
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
+        if self.adapters is not None:
+            self.adapters.check_integrity()
         for rid, state in self.states.items():
+            if state.adapter is not None and (
+                self.adapters is None or self.adapters.slot_of(state.adapter) != state.slot
+            ):
+                raise IntegrityError(f"request {rid} drafts with {state.adapter!r}, which is not in its slot")
             state.blocks.check_integrity()
             if state.blocks.capacity - state.blocks.num_tokens >= self.pool.block_size:
                 raise IntegrityError(f"request {rid} holds drafter blocks past its committed KV")
@@ -124,7 +148,8 @@ class DrafterPool:
     def _catch_up(self, requests: Sequence[DraftRequest], seqs: list[SequenceInput]) -> list[TreeGrower]:
         """Write every request's missing KV; return a grower with the root's children added."""
         batch = pack(seqs, self.pool.block_size)
-        hidden = self.model.decoder(batch, self.pool.kv)
+        lora = self._lora([self.states[r.request_id] for r in requests], seqs)
+        hidden = self.model.decoder(batch, self.pool.kv, lora)
         logits = self.model.decoder.logits(hidden[batch.last_token_rows()])
         growers = []
         for req, seq, row in zip(requests, seqs, logits, strict=True):
@@ -170,8 +195,30 @@ class DrafterPool:
         seed = req.sampling.seed
         seed = self._seeds.getrandbits(63) if seed is None else seed ^ DRAFT_SEED_SALT
         state = _Drafting(SequenceBlocks(self.pool), 0, 0, torch.Generator().manual_seed(seed))
+        if req.adapter is not None:
+            state.adapter, state.slot = self._pin(req.adapter)
         self.states[req.request_id] = state
         return state
+
+    def _pin(self, name: str) -> tuple[str | None, int]:
+        """The adapter and slot a new request drafts with: its own, or the base drafter when the
+        adapter is gone or every slot is pinned (the output is the target's either way)."""
+        registry = self.adapters
+        if registry is None or not registry.can_acquire(name):
+            if registry is not None:
+                registry.stats.no_slot += 1
+            return None, NO_ADAPTER
+        try:
+            return name, registry.acquire(name)
+        except AdapterError:  # its files changed on disk since it was added: counted, base drafts
+            registry.stats.no_slot += 1
+            return None, NO_ADAPTER
+
+    def _lora(self, states: Sequence[_Drafting], seqs: Sequence[SequenceInput]) -> LoraBatch | None:
+        if self.adapters is None or all(s.adapter is None for s in states):
+            return None
+        slots = [torch.full((seq.num_new,), s.slot) for s, seq in zip(states, seqs, strict=True)]
+        return self.adapters.batch(torch.cat(slots))
 
     def _encode(self, req: DraftRequest) -> EncodedPrompt:
         ratio = req.budget.compression
@@ -194,7 +241,7 @@ class DrafterPool:
     def _forward_level(self, levels: list[_Level]) -> None:
         seqs = [self._level_input(lv) for lv in levels]
         batch = pack(seqs, self.pool.block_size)
-        hidden = self.model.decoder(batch, self.pool.kv)
+        hidden = self.model.decoder(batch, self.pool.kv, self._lora([lv.state for lv in levels], seqs))
         rows: list[int] = []
         for lv, start in zip(levels, batch.query_starts.tolist(), strict=False):
             place = {node: i for i, node in enumerate(lv.nodes)}

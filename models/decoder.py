@@ -17,6 +17,7 @@ from core.forward_batch import ForwardBatch
 from core.kv import KVLayout, PagedKVCache
 from models.attention import AttentionBackend, SdpaBackend, get_backend
 from models.config import DecoderConfig
+from models.multi_lora import LoraBatch
 from models.rope import RotaryEmbedding, apply_rotary
 
 # fused parameter -> the transformers parameters stacked in it, in order (along the output dim)
@@ -52,6 +53,14 @@ def fuse_hf_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def project(
+    linear: nn.Linear, x: torch.Tensor, lora: LoraBatch | None, layer: int, name: str
+) -> torch.Tensor:
+    """``linear(x)`` plus each token's own LoRA delta for the projection ``name`` of ``layer``."""
+    out = linear(x)
+    return out if lora is None else lora.add_to(out, layer, name, x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -80,34 +89,39 @@ class Attention(nn.Module):
         kv: PagedKVCache,
         backend: AttentionBackend,
         meta: object,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         t, h = x.shape[0], self.num_heads
-        qkv = self.qkv_proj(x).view(t, h + 2 * self.num_kv_heads, self.head_dim)
+        qkv = project(self.qkv_proj, x, lora, self.layer, "self_attn.qkv_proj").view(
+            t, h + 2 * self.num_kv_heads, self.head_dim
+        )
         qk = apply_rotary(qkv[:, : h + self.num_kv_heads], *rope)  # queries and keys rotate together
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + self.num_kv_heads :]
         kv.flat_keys(self.layer)[batch.slot_mapping] = k.to(kv.keys.dtype)
         kv.flat_values(self.layer)[batch.slot_mapping] = v.to(kv.values.dtype)
         out = backend.attend(q, kv, self.layer, meta)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        out = out.reshape(t, self.num_heads * self.head_dim)
+        return project(self.o_proj, out, lora, self.layer, "self_attn.o_proj")
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACT2FN[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        gate, up = project(self.gate_up_proj, x, lora, self.layer, "mlp.gate_up_proj").chunk(2, dim=-1)
+        return project(self.down_proj, self.act(gate) * up, lora, self.layer, "mlp.down_proj")
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -119,9 +133,10 @@ class DecoderLayer(nn.Module):
         kv: PagedKVCache,
         backend: AttentionBackend,
         meta: object,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, kv, backend, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, kv, backend, meta, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class Decoder(nn.Module):
@@ -161,14 +176,15 @@ class Decoder(nn.Module):
         return x
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: PagedKVCache) -> torch.Tensor:
-        """Write the new tokens' KV into ``kv`` and return final hidden states ``[T, hidden]``."""
+    def forward(self, batch: ForwardBatch, kv: PagedKVCache, lora: LoraBatch | None = None) -> torch.Tensor:
+        """Write the new tokens' KV into ``kv`` and return final hidden states ``[T, hidden]``;
+        ``lora`` adds each token's adapter (see ``models.multi_lora``)."""
         backend = self.backend if self.backend.supports(batch) else self.fallback_backend
         meta = backend.prepare(batch, scale=self.cfg.head_dim**-0.5)
         x = self.embed(batch)
         rope = self.rotary.tables(batch.positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, batch, kv, backend, meta)
+            x = layer(x, rope, batch, kv, backend, meta, lora)
         return self.norm(x)
 
     @torch.inference_mode()

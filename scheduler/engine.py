@@ -60,8 +60,18 @@ class Engine:
         self._seeds = random.Random(seed)
         self._tracking: dict[int, _Tracking] = {}
 
-    def add_request(self, prompt: Prompt, sampling: SamplingParams, compression: float | None = None) -> int:
-        """Queue a request and return its id; ``ValueError`` for a request that cannot run."""
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        compression: float | None = None,
+        adapter: str | None = None,
+    ) -> int:
+        """Queue a request and return its id; ``ValueError`` for a request that cannot run.
+        ``adapter`` names the drafter LoRA to draft it with (its output does not depend on it)."""
+        if adapter is not None and (self.drafter is None or not self.drafter.has_adapter(adapter)):
+            where = "this engine decodes without a drafter" if self.drafter is None else "it is not loaded"
+            raise ValueError(f"unknown drafter adapter {adapter!r}: {where}")
         request_id = next(self._ids)
         seed = self._seeds.getrandbits(63) if sampling.seed is None else sampling.seed
         ratio = self.compression if compression is None else compression
@@ -75,6 +85,7 @@ class Engine:
             compression=ratio,
             generator=torch.Generator().manual_seed(seed),
             eos_token_ids=self.eos_token_ids,
+            adapter=adapter,
         )
         self.scheduler.add(state)
         self._tracking[request_id] = _Tracking(started=time.perf_counter())

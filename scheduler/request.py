@@ -28,6 +28,7 @@ class RequestState:
     compression: float | None  # drafter visual-token ratio the request pinned; None = the policy's
     generator: torch.Generator
     eos_token_ids: frozenset[int]
+    adapter: str | None = None  # the drafter LoRA of the request's user
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     blocks: SequenceBlocks | None = None

@@ -204,7 +204,9 @@ class Scheduler:
                 tokens_left -= fitted.max_nodes
                 self._budgets[req.request_id] = fitted
                 output = tuple(req.output_ids)
-                drafts.append(DraftRequest(req.request_id, req.prompt, output, fitted, req.sampling))
+                drafts.append(
+                    DraftRequest(req.request_id, req.prompt, output, fitted, req.sampling, req.adapter)
+                )
         return drafts, tokens_left
 
     def _reserve_or_preempt(self, req: RequestState, n: int) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from core.forward_batch import SequenceInput, pack
+from drafter_pool.adapters import AdapterRegistry
 from drafter_pool.pool import DrafterPool
 from drafter_pool.tree_search import TreeShape
 from kvcache.block_pool import BlockPool
@@ -39,6 +40,9 @@ class EngineOptions:
     block_size: int = 16
     dtype: str = "fp32"
     seed: int = 0
+    adapters: tuple[tuple[str, Path], ...] = ()  # (name, PEFT folder) of drafter LoRAs to register
+    adapter_slots: int = 16  # adapters resident at once (LRU beyond that)
+    max_adapter_rank: int = 16
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class BuiltEngine:
     processor: Any  # the target's processor (chat template, tokenizer)
     target: LoadedModel
     drafter: LoadedModel | None
+    adapters: AdapterRegistry | None  # add / remove drafter LoRAs at run time; None without a drafter
 
 
 def check_same_tokenizer(target: Any, drafter: Any, drafter_dir: Path) -> None:
@@ -106,15 +111,24 @@ def build_engine(
         seed=opts.seed,
         compression=opts.compression,
     )
-    return BuiltEngine(engine, processor, target, None if drafter is None else drafter.model)
+    if drafter is None:
+        if opts.adapters:
+            raise ValueError("drafter adapters need a drafter; pass a drafter folder or drop the adapters")
+        return BuiltEngine(engine, processor, target, None, None)
+    return BuiltEngine(engine, processor, target, drafter.model, drafter.adapters)
 
 
 def _drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> DrafterPool:
     model = load_model(folder, opts.dtype)
     check_same_tokenizer(tokenizer, model.processor().tokenizer, folder)
+    adapters = AdapterRegistry(
+        model.decoder.cfg, opts.adapter_slots, opts.max_adapter_rank, model.decoder.embed_tokens.weight.dtype
+    )
+    for name, adapter_dir in opts.adapters:
+        adapters.add(name, adapter_dir)
     return DrafterPool(
         model, num_blocks=opts.drafter_blocks, block_size=opts.block_size,
-        shape=opts.tree, compression=opts.compression_method, seed=opts.seed,
+        shape=opts.tree, compression=opts.compression_method, seed=opts.seed, adapters=adapters,
     )  # fmt: skip
 
 

@@ -78,7 +78,8 @@ def plot_losses(stages: dict[str, list[dict[str, float]]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2))
+    fig, grid = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
+    axes = grid[0]
     for ax, (name, rows) in zip(axes, stages.items(), strict=True):
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
         ax.set_title(name)

@@ -1,12 +1,13 @@
 """Subcommands of ``covspec``; each module exposes a ``Command`` and is listed here."""
 
+from serve.commands.adapters import TRAIN_ADAPTER
 from serve.commands.base import Command
 from serve.commands.generate import GENERATE
 from serve.commands.model_tools import CHECK_MODEL, MAKE_RANDOM_CHECKPOINT
 from serve.commands.tiny import EVAL_TINY, SHAPES_SAMPLE, TRAIN_TINY
 
 COMMANDS: list[Command] = [
-    CHECK_MODEL, MAKE_RANDOM_CHECKPOINT, TRAIN_TINY, SHAPES_SAMPLE, EVAL_TINY, GENERATE,
+    CHECK_MODEL, MAKE_RANDOM_CHECKPOINT, TRAIN_TINY, SHAPES_SAMPLE, EVAL_TINY, GENERATE, TRAIN_ADAPTER,
 ]  # fmt: skip
 
 __all__ = ["COMMANDS", "Command"]

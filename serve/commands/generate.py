@@ -12,6 +12,7 @@ from serve.commands.tiny import CHECKPOINTS
 
 DEFAULT_TARGET = CHECKPOINTS / "tiny-target"
 DEFAULT_DRAFTER = CHECKPOINTS / "tiny-drafter"
+ADAPTERS = CHECKPOINTS / "adapters"  # shipped per-user drafter LoRAs, one PEFT folder per user
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--drafter", type=Path, help="drafter checkpoint folder (default with the tiny target)")
     spec.add_argument("--no-spec", action="store_true", help="plain decoding, no drafter")
+    p.add_argument(
+        "--adapter",
+        help=f"draft with this user's LoRA: a name under {ADAPTERS} or a PEFT adapter folder "
+        "(changes speed and tau, never the output)",
+    )
     p.add_argument("--policy", default="load_aware", help="draft policy: none, fixed or load_aware")
     p.add_argument(
         "--compression",
@@ -50,6 +56,17 @@ def load_image(path: Path) -> Any:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
+def resolve_adapter(value: str) -> tuple[str, Path]:
+    """``value`` as (name, folder): a folder path, or the name of a shipped adapter."""
+    path = Path(value)
+    if path.is_dir():
+        return path.name, path
+    if (ADAPTERS / value).is_dir():
+        return value, ADAPTERS / value
+    shipped = sorted(p.name for p in ADAPTERS.iterdir() if p.is_dir()) if ADAPTERS.is_dir() else []
+    raise ValueError(f"no adapter {value!r}: not a folder, and the shipped adapters are {shipped}")
+
+
 def _folders(args: argparse.Namespace) -> tuple[Path, Path | None]:
     model = args.model or DEFAULT_TARGET
     if args.no_spec:
@@ -68,9 +85,15 @@ def _run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     image = load_image(args.image)
     model, drafter = _folders(args)
-    built = build_engine(model, drafter, EngineOptions(policy=args.policy, compression=args.compression))
+    adapter = None if args.adapter is None else resolve_adapter(args.adapter)
+    if adapter is not None and drafter is None:
+        raise ValueError("--adapter needs a drafter: drop --no-spec, or pass --drafter with --model")
+    options = EngineOptions(
+        policy=args.policy, compression=args.compression, adapters=() if adapter is None else (adapter,)
+    )
+    built = build_engine(model, drafter, options)
     prompt = chat_prompt(built.processor, args.prompt, [image], args.system)
-    request_id = built.engine.add_request(prompt, sampling)
+    request_id = built.engine.add_request(prompt, sampling, adapter=None if adapter is None else adapter[0])
     expanded = built.engine.scheduler.requests[request_id].encoded.token_ids.tolist()
     done = None
     while done is None:

@@ -11,7 +11,7 @@ from serve.commands.base import Command
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
-def _writable_folder(path: Path) -> Path:
+def writable_folder(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / ".covspec-write-test"
     probe.touch()
@@ -40,9 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         if not 1 <= args.phases_done <= phases:
             raise ValueError(f"--phases-done must be between 1 and {phases}, got {args.phases_done}")
         resume = (args.resume_target, args.phases_done)
-    summary = train_tiny(
-        _writable_folder(args.out), Recipe(seed=args.seed), eval_n=args.eval_n, resume=resume
-    )
+    summary = train_tiny(writable_folder(args.out), Recipe(seed=args.seed), eval_n=args.eval_n, resume=resume)
     print(json.dumps(summary["metrics"]))
     return 0
 

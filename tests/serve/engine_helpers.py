@@ -78,10 +78,14 @@ def run_checked(
     prompts: list[Prompt],
     sampling: list[SamplingParams],
     compression: list[float] | None = None,
+    adapters: list[str | None] | None = None,
 ) -> list[Completion]:
     """``engine.generate`` step by step, checking every memory owner's integrity after each step."""
     ratios = compression or [1.0] * len(prompts)
-    ids = [engine.add_request(p, s, r) for p, s, r in zip(prompts, sampling, ratios, strict=True)]
+    users = adapters or [None] * len(prompts)
+    ids = [
+        engine.add_request(p, s, r, a) for p, s, r, a in zip(prompts, sampling, ratios, users, strict=True)
+    ]
     done: dict[int, Completion] = {}
     while len(done) < len(ids):
         for out in engine.step():

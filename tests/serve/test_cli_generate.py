@@ -34,9 +34,10 @@ def test_generate_json_equals_transformers_greedy_with_and_without_speculation(s
     base = ["--image", str(scene), "--prompt", SAMPLE.question.text, "--system", SAMPLE.system, "--json"]
     spec = json.loads(_covspec(*base).stdout)
     plain = json.loads(_covspec(*base, "--no-spec").stdout)
+    adapted = json.loads(_covspec(*base, "--adapter", "bob").stdout)  # another user's: drafts differ only
     oracle = Oracle(CHECKPOINTS / "tiny-target")
     expected = oracle.greedy(SAMPLE.question.text, SAMPLE.image(), SAMPLE.system, 64)
-    assert spec["token_ids"] == plain["token_ids"] == expected
+    assert spec["token_ids"] == plain["token_ids"] == adapted["token_ids"] == expected
     prompt_ids = oracle.inputs(SAMPLE.question.text, SAMPLE.image(), SAMPLE.system)["input_ids"][0].tolist()
     assert spec["prompt_token_ids"] == prompt_ids
     assert spec["stats"]["draft_tokens"] > 0 and plain["stats"]["draft_tokens"] == 0
@@ -56,6 +57,7 @@ def test_generate_json_equals_transformers_greedy_with_and_without_speculation(s
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--max-tokens", "5000"], "context window"),
         (["--compression", "0"], "compression must be in (0, 1]"),
+        (["--adapter", "nobody"], "no adapter 'nobody': not a folder, and the shipped adapters are"),
     ],
 )
 def test_generate_bad_settings_fail_with_one_line(scene: Path, extra: list[str], message: str) -> None:
@@ -78,3 +80,9 @@ def test_generate_refuses_a_drafter_with_another_tokenizer(scene: Path, folders:
     result = _covspec("--image", str(scene), "--prompt", "hi", "--drafter", str(folders["target"]))
     assert result.returncode == 2
     assert "different tokenizer" in result.stderr
+
+
+def test_generate_adapter_without_a_drafter_fails_with_one_line(scene: Path) -> None:
+    result = _covspec("--image", str(scene), "--prompt", "hi", "--adapter", str(scene.parent), "--no-spec")
+    assert result.returncode == 2
+    assert "--adapter needs a drafter" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,168 @@
+"""The drafter's named LoRA adapters: registered folders, a bounded set resident in slots.
+
+``add`` checks an adapter completely (so a bad folder fails when it is added, with the reason)
+and remembers its folder and the hash of its weights. A request pins its adapter for its lifetime
+(``acquire`` / ``release``): its drafter KV was computed with those weights, so a pinned adapter
+is never evicted or replaced. When a slot is needed, the least recently used unpinned adapter is
+evicted; using it again reloads it from its folder, refusing files that changed since ``add``.
+``remove`` of a pinned adapter retires it: no new request may use it, and its slot is freed when
+the last request using it releases it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvcache.block_pool import IntegrityError
+from models.config import DecoderConfig
+from models.lora import WEIGHTS_FILE, AdapterError, LoraAdapter, load_adapter
+from models.multi_lora import NO_ADAPTER, LoraBatch, MultiLora
+
+
+@dataclass(frozen=True)
+class _Registered:
+    folder: Path
+    digest: str  # sha256 of the weights file when it was added
+
+
+@dataclass
+class AdapterStats:
+    loads: int = 0  # adapters written into a slot (first use or reload)
+    evictions: int = 0
+    no_slot: int = 0  # requests drafted without their adapter: every slot was pinned
+
+
+def weights_digest(folder: Path) -> str:
+    return hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
+class AdapterRegistry:
+    def __init__(
+        self, cfg: DecoderConfig, slots: int = 16, max_rank: int = 16, dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.cfg, self.max_rank = cfg, max_rank
+        self.stack = MultiLora(cfg, slots, max_rank, dtype)
+        self.registered: dict[str, _Registered] = {}
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+        self.pins: Counter[str] = Counter()
+        self.retiring: set[str] = set()  # removed while pinned
+        self.stats = AdapterStats()
+
+    @property
+    def names(self) -> list[str]:
+        """Adapters a new request may use."""
+        return sorted(self.registered.keys() - self.retiring)
+
+    def has(self, name: str) -> bool:
+        return name in self.registered and name not in self.retiring
+
+    def add(self, name: str, folder: str | Path) -> LoraAdapter:
+        """Register the PEFT LoRA in ``folder`` as ``name``; ``AdapterError`` says what is wrong."""
+        if name in self.registered:
+            state = "being removed (requests still use it)" if name in self.retiring else "registered"
+            raise AdapterError(f"adapter {name!r} is already {state}; remove it first or pick another name")
+        path = Path(folder)
+        adapter = load_adapter(path, self.cfg, self.max_rank, name)
+        self.registered[name] = _Registered(path, weights_digest(path))
+        return adapter
+
+    def remove(self, name: str) -> None:
+        if not self.has(name):
+            raise AdapterError(f"no adapter named {name!r}; registered: {self.names}")
+        if self.pins[name]:
+            self.retiring.add(name)
+        else:
+            self._forget(name)
+
+    def can_acquire(self, name: str) -> bool:
+        return self.has(name) and (name in self.resident or self._free_slot() is not None)
+
+    def acquire(self, name: str) -> int:
+        """Pin ``name`` for one request and return its slot, loading it (and evicting the least
+        recently used unpinned adapter) when it is not resident. Check ``can_acquire`` first."""
+        if not self.can_acquire(name):
+            raise AdapterError(f"adapter {name!r} is unknown or every slot is pinned")
+        if name not in self.resident:
+            self._load(name, self._evict_for_slot())
+        self.resident.move_to_end(name)
+        self.pins[name] += 1
+        return self.resident[name]
+
+    def release(self, name: str) -> None:
+        if self.pins[name] <= 0:
+            raise AdapterError(f"adapter {name!r} released more often than acquired")
+        self.pins[name] -= 1
+        if not self.pins[name]:
+            del self.pins[name]
+            if name in self.retiring:
+                self._forget(name)
+
+    def slot_of(self, name: str) -> int | None:
+        return self.resident.get(name)
+
+    def batch(self, token_slots: torch.Tensor) -> LoraBatch | None:
+        """``token_slots`` [T] int64 (``NO_ADAPTER`` for base tokens) -> the forward's adapters."""
+        return self.stack.batch(token_slots)
+
+    def check_integrity(self) -> None:
+        slots = list(self.resident.values())
+        if len(set(slots)) != len(slots):
+            raise IntegrityError(f"two adapters share a slot: {dict(self.resident)}")
+        for name, slot in self.resident.items():
+            held = self.stack.adapters[slot]
+            if held is None or held.name != name:
+                raise IntegrityError(f"slot {slot} should hold {name!r}, holds {held and held.name!r}")
+        stray = [s for s, a in enumerate(self.stack.adapters) if a is not None and s not in slots]
+        if stray:
+            raise IntegrityError(f"slots {stray} hold adapters the registry does not know")
+        unpinnable = [n for n, c in self.pins.items() if c <= 0 or n not in self.resident]
+        if unpinnable:
+            raise IntegrityError(f"pinned adapters {unpinnable} are not resident")
+        if not self.retiring <= self.pins.keys():
+            raise IntegrityError(f"retiring adapters {self.retiring - self.pins.keys()} have no users left")
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def _free_slot(self) -> int | None:
+        taken = set(self.resident.values())
+        free = [s for s in range(self.stack.slots) if s not in taken]
+        if free:
+            return free[0]
+        victim = next((n for n in self.resident if not self.pins[n]), None)
+        return None if victim is None else self.resident[victim]
+
+    def _evict_for_slot(self) -> int:
+        slot = self._free_slot()
+        assert slot is not None, "can_acquire was checked"
+        victim = next((n for n, s in self.resident.items() if s == slot), None)
+        if victim is not None:
+            del self.resident[victim]
+            self.stack.clear(slot)
+            self.stats.evictions += 1
+        return slot
+
+    def _load(self, name: str, slot: int) -> None:
+        entry = self.registered[name]
+        if weights_digest(entry.folder) != entry.digest:
+            raise AdapterError(
+                f"adapter {name!r} changed on disk since it was added ({entry.folder}); "
+                "remove and add it again"
+            )
+        self.stack.load(slot, load_adapter(entry.folder, self.cfg, self.max_rank, name))
+        self.resident[name] = slot
+        self.stats.loads += 1
+
+    def _forget(self, name: str) -> None:
+        slot = self.resident.pop(name, None)
+        if slot is not None:
+            self.stack.clear(slot)
+        self.registered.pop(name)
+        self.retiring.discard(name)
+
+
+__all__ = ["NO_ADAPTER", "AdapterError", "AdapterRegistry", "AdapterStats"]

@@ -1,0 +1,164 @@
+"""Many LoRA adapters in one decoder forward: each token uses its own adapter, or none.
+
+Every resident adapter owns a slot; per fused projection of the decoder (q/k/v, o, gate/up,
+down) the slots' weights are stacked: A as [slots, in, parts x max_rank] and B as
+[slots, parts x max_rank, out], zero-padded to the largest rank, B block-structured so that each
+part's rank columns feed only its own output rows. A forward's tokens that use an adapter are
+grouped by slot once (``LoraBatch``; the drafter pool packs its requests in slot order, so the
+rows are usually a plain slice). Each projection then runs two segmented matmuls over those
+tokens: x @ A[slot], then @ B[slot], added to the base output in place. When the groups are of
+similar size (a depth level of draft trees) the groups are padded to one length and each matmul
+is one batched ``bmm``, whose cost does not grow with the number of adapters; otherwise (a long
+prompt next to short ones) it is ``torch.nn.functional.grouped_mm``, the segmented kernel (SGMV)
+of Punica and S-LoRA, which on CPUs runs one matmul per group. Either way the work follows the
+tokens, not the resident adapters. No adapter is merged into the base weights, and tokens
+without an adapter are not touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.config import DecoderConfig
+from models.lora import LoraAdapter, module_shapes
+
+NO_ADAPTER = -1  # the slot of a token drafted by the base drafter
+# fused decoder projection -> the transformers modules stacked in its output, in order
+PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "self_attn.o_proj": ("o_proj",),
+    "mlp.gate_up_proj": ("gate_proj", "up_proj"),
+    "mlp.down_proj": ("down_proj",),
+}
+
+
+def segmented_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``x`` [n, k] rows grouped by ``ends`` [G] int32 (cumulative) @ ``w`` [G, k, m] -> [n, m]."""
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        return torch.nn.functional.grouped_mm(x, w, offs=ends)
+    starts = [0, *ends[:-1].tolist()]  # older torch: one matmul per group
+    return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends.tolist(), strict=True))])
+
+
+MAX_PADDING = 2.0  # pad the groups to one length while that at most doubles the rows
+
+
+@dataclass(frozen=True)
+class PaddedGroups:
+    """The grouped rows laid out as [groups, longest group] for batched matmuls."""
+
+    index: torch.Tensor  # [G * L] int64 grouped row per padded position (padding repeats a row)
+    valid: torch.Tensor  # [n] int64 padded positions that hold real rows, in grouped order
+    length: int  # L
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """The adapters of one forward's tokens, sorted by slot; hand it to ``Decoder.forward``."""
+
+    stack: MultiLora
+    order: torch.Tensor  # [n] int64 rows of the adapter tokens, grouped by slot
+    slots: torch.Tensor  # [G] int64 the slots in use, in group order
+    ends: torch.Tensor  # [G] int32 cumulative token counts of the groups
+    span: tuple[int, int] | None  # (start, stop) when ``order`` is that range: rows already sorted
+    padded: PaddedGroups | None  # set when padding the groups to one length is cheap
+
+    def add_to(self, out: torch.Tensor, layer: int, projection: str, x: torch.Tensor) -> torch.Tensor:
+        """``out`` [T, out] += each adapter token's LoRA output for ``projection`` of ``layer``
+        on ``x`` [T, in]; returns ``out``."""
+        a, b = self.stack.a[(layer, projection)], self.stack.b[(layer, projection)]
+        rows = x[self.span[0] : self.span[1]] if self.span else x.index_select(0, self.order)
+        a, b = a.index_select(0, self.slots), b.index_select(0, self.slots)
+        if self.padded is None:
+            delta = segmented_mm(segmented_mm(rows, a, self.ends), b, self.ends)
+        else:
+            p = self.padded
+            groups = rows.index_select(0, p.index).view(len(self.slots), p.length, -1)
+            delta = torch.bmm(torch.bmm(groups, a), b).flatten(0, 1).index_select(0, p.valid)
+        delta = delta.to(out.dtype)
+        if self.span:
+            out[self.span[0] : self.span[1]] += delta
+            return out
+        return out.index_add_(0, self.order, delta)
+
+
+def padded(counts: torch.Tensor, ends: torch.Tensor) -> PaddedGroups | None:
+    """The padded layout of groups of ``counts`` rows, or None when it would cost too much."""
+    length, n = int(counts.max()), int(ends[-1])
+    if len(counts) * length > MAX_PADDING * n:
+        return None
+    offsets = torch.arange(length)
+    index = ((ends - counts)[:, None] + offsets).clamp(max=n - 1).flatten()
+    valid = (offsets[None] < counts[:, None]).flatten().nonzero().squeeze(1)
+    return PaddedGroups(index, valid, length)
+
+
+class MultiLora:
+    """The stacked LoRA weights of ``slots`` adapter slots (all zero while a slot is empty)."""
+
+    def __init__(
+        self, cfg: DecoderConfig, slots: int, max_rank: int, dtype: torch.dtype = torch.float32
+    ) -> None:
+        if slots < 1 or max_rank < 1:
+            raise ValueError(f"need at least one slot and rank 1, got {slots} slots, max rank {max_rank}")
+        self.cfg, self.slots, self.max_rank, self.dtype = cfg, slots, max_rank, dtype
+        shapes = module_shapes(cfg)
+        self.a: dict[tuple[int, str], torch.Tensor] = {}  # [slots, in, parts * max_rank]
+        self.b: dict[tuple[int, str], torch.Tensor] = {}  # [slots, parts * max_rank, out]
+        for layer in range(cfg.num_layers):
+            for projection, parts in PROJECTIONS.items():
+                n_in, ranks = shapes[parts[0]][0], len(parts) * max_rank
+                n_out = sum(shapes[p][1] for p in parts)
+                self.a[(layer, projection)] = torch.zeros(slots, n_in, ranks, dtype=dtype)
+                self.b[(layer, projection)] = torch.zeros(slots, ranks, n_out, dtype=dtype)
+        self.adapters: list[LoraAdapter | None] = [None] * slots
+
+    def load(self, slot: int, adapter: LoraAdapter) -> None:
+        """Write ``adapter`` into ``slot`` (replacing what was there)."""
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank} > max rank {self.max_rank}")
+        self.clear(slot)
+        shapes = module_shapes(self.cfg)
+        for projection, parts in PROJECTIONS.items():
+            row = 0
+            for part, module in enumerate(parts):
+                col = part * self.max_rank
+                for layer in range(self.cfg.num_layers):
+                    w = adapter.weights.get((layer, module))
+                    if w is not None:
+                        a, b = self.a[(layer, projection)], self.b[(layer, projection)]
+                        a[slot, :, col : col + w.rank] = w.a.T.to(self.dtype)
+                        b[slot, col : col + w.rank, row : row + w.b.shape[0]] = w.b.T.to(self.dtype)
+                row += shapes[module][1]
+        self.adapters[slot] = adapter
+
+    def clear(self, slot: int) -> None:
+        for key in self.a:
+            self.a[key][slot] = 0
+            self.b[key][slot] = 0
+        self.adapters[slot] = None
+
+    def batch(self, token_slots: torch.Tensor) -> LoraBatch | None:
+        """``token_slots`` [T] int64 (``NO_ADAPTER`` for base tokens) -> the forward's LoRA inputs,
+        or None when no token uses an adapter (the forward then costs what the base one does)."""
+        rows = (token_slots != NO_ADAPTER).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return None
+        slots, counts = token_slots[rows].unique(return_counts=True)
+        empty = [s for s in slots.tolist() if not 0 <= s < self.slots or self.adapters[s] is None]
+        if empty:
+            raise ValueError(f"tokens use adapter slots {empty}, which hold no adapter")
+        order = rows[token_slots[rows].argsort(stable=True)]
+        start, stop = int(order[0]), int(order[-1]) + 1
+        contiguous = stop - start == len(order) and bool((order.diff() == 1).all())
+        ends = counts.cumsum(0)
+        return LoraBatch(
+            self,
+            order,
+            slots,
+            ends.to(torch.int32),
+            (start, stop) if contiguous else None,
+            padded(counts, ends),
+        )
