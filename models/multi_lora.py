@@ -49,9 +49,11 @@ MAX_PADDING = 2.0  # pad the groups to one length while that at most doubles the
 class PaddedGroups:
     """The grouped rows laid out as [groups, longest group] for batched matmuls."""
 
-    index: torch.Tensor  # [G * L] int64 grouped row per padded position (padding repeats a row)
-    valid: torch.Tensor  # [n] int64 padded positions that hold real rows, in grouped order
     length: int  # L
+    # [G * L] int64 grouped row per padded position (padding repeats a row) and [n] int64 padded
+    # positions that hold real rows; both None when the groups are all L long (a plain view)
+    index: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -64,19 +66,25 @@ class LoraBatch:
     ends: torch.Tensor  # [G] int32 cumulative token counts of the groups
     span: tuple[int, int] | None  # (start, stop) when ``order`` is that range: rows already sorted
     padded: PaddedGroups | None  # set when padding the groups to one length is cheap
+    slot_span: tuple[int, int] | None  # (first, last + 1) when ``slots`` is that range
 
     def add_to(self, out: torch.Tensor, layer: int, projection: str, x: torch.Tensor) -> torch.Tensor:
         """``out`` [T, out] += each adapter token's LoRA output for ``projection`` of ``layer``
         on ``x`` [T, in]; returns ``out``."""
+        # slices are views; the gathers only run for rows or slots out of order
         a, b = self.stack.a[(layer, projection)], self.stack.b[(layer, projection)]
+        if self.slot_span:
+            a, b = a[self.slot_span[0] : self.slot_span[1]], b[self.slot_span[0] : self.slot_span[1]]
+        else:
+            a, b = a.index_select(0, self.slots), b.index_select(0, self.slots)
         rows = x[self.span[0] : self.span[1]] if self.span else x.index_select(0, self.order)
-        a, b = a.index_select(0, self.slots), b.index_select(0, self.slots)
         if self.padded is None:
             delta = segmented_mm(segmented_mm(rows, a, self.ends), b, self.ends)
         else:
             p = self.padded
-            groups = rows.index_select(0, p.index).view(len(self.slots), p.length, -1)
-            delta = torch.bmm(torch.bmm(groups, a), b).flatten(0, 1).index_select(0, p.valid)
+            groups = rows if p.index is None else rows.index_select(0, p.index)
+            delta = torch.bmm(torch.bmm(groups.view(len(self.slots), p.length, -1), a), b).flatten(0, 1)
+            delta = delta if p.valid is None else delta.index_select(0, p.valid)
         delta = delta.to(out.dtype)
         if self.span:
             out[self.span[0] : self.span[1]] += delta
@@ -89,10 +97,12 @@ def padded(counts: torch.Tensor, ends: torch.Tensor) -> PaddedGroups | None:
     length, n = int(counts.max()), int(ends[-1])
     if len(counts) * length > MAX_PADDING * n:
         return None
+    if len(counts) * length == n:
+        return PaddedGroups(length)
     offsets = torch.arange(length)
     index = ((ends - counts)[:, None] + offsets).clamp(max=n - 1).flatten()
     valid = (offsets[None] < counts[:, None]).flatten().nonzero().squeeze(1)
-    return PaddedGroups(index, valid, length)
+    return PaddedGroups(length, index, valid)
 
 
 class MultiLora:
@@ -154,6 +164,7 @@ class MultiLora:
         start, stop = int(order[0]), int(order[-1]) + 1
         contiguous = stop - start == len(order) and bool((order.diff() == 1).all())
         ends = counts.cumsum(0)
+        first, last = int(slots[0]), int(slots[-1])  # unique() sorts them
         return LoraBatch(
             self,
             order,
@@ -161,4 +172,5 @@ class MultiLora:
             ends.to(torch.int32),
             (start, stop) if contiguous else None,
             padded(counts, ends),
+            (first, last + 1) if last - first + 1 == len(slots) else None,
         )

@@ -121,11 +121,11 @@ def test_reloading_an_adapter_into_another_slot_gives_the_same_delta(
 
 
 @pytest.mark.parametrize(
-    "group_sizes,padded",
-    [((5, 6, 5), True), ((40, 1, 2), False)],  # a depth level of trees; a long prompt among short ones
+    "group_sizes,kernel",  # equal trees; a depth level of trees; a long prompt among short ones
+    [((6, 6, 6), "bmm over a view"), ((5, 6, 5), "bmm over padded groups"), ((40, 1, 2), "grouped_mm")],
 )
-def test_padded_and_segmented_kernels_match_a_per_token_reference(
-    drafter: Any, adapter_dirs: dict[str, Path], group_sizes: tuple[int, ...], padded: bool
+def test_lora_kernels_match_a_per_token_reference(
+    drafter: Any, adapter_dirs: dict[str, Path], group_sizes: tuple[int, ...], kernel: str
 ) -> None:
     cfg = drafter.decoder.cfg
     adapters = [load_adapter(adapter_dirs[n], cfg, max_rank=8) for n in ADAPTERS]
@@ -136,7 +136,13 @@ def test_padded_and_segmented_kernels_match_a_per_token_reference(
     token_slots = torch.cat([torch.full((3,), NO_ADAPTER), token_slots])  # base tokens first
     x = torch.randn(len(token_slots), cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     lora = stack.batch(token_slots)
-    assert lora is not None and (lora.padded is not None) == padded
+    assert lora is not None
+    used = (
+        "grouped_mm"
+        if lora.padded is None
+        else "bmm over " + ("a view" if lora.padded.index is None else "padded groups")
+    )
+    assert used == kernel
     out = lora.add_to(torch.zeros(len(token_slots), cfg.hidden_size), 1, "self_attn.o_proj", x)
     for row, slot in enumerate(token_slots.tolist()):
         w = None if slot == NO_ADAPTER else adapters[slot].weights.get((1, "o_proj"))
