@@ -25,6 +25,7 @@ class _Submit:
     prompt: Prompt
     sampling: SamplingParams
     compression: float | None
+    adapter: str | None
     outputs: asyncio.Queue[int | RequestOutput | Completion | BaseException]
     loop: asyncio.AbstractEventLoop
 
@@ -49,14 +50,18 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     async def stream(
-        self, prompt: Prompt, sampling: SamplingParams, compression: float | None = None
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        compression: float | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput | Completion]:
         """Every step's output for this request, then its :class:`Completion`. Cancelling the
-        consumer aborts the request."""
+        consumer aborts the request. ``adapter`` names the drafter LoRA of the caller."""
         if not self.alive:
             raise RuntimeError(f"the engine loop is not running: {self.error!r}")
         outputs: asyncio.Queue[int | RequestOutput | Completion | BaseException] = asyncio.Queue()
-        self._inbox.put(_Submit(prompt, sampling, compression, outputs, asyncio.get_running_loop()))
+        self._inbox.put(_Submit(prompt, sampling, compression, adapter, outputs, asyncio.get_running_loop()))
         request_id, completed = None, False
         try:
             while not completed:
@@ -72,8 +77,10 @@ class AsyncEngine:
             if request_id is not None and not completed:
                 self._inbox.put(_Abort(request_id))
 
-    async def generate(self, prompt: Prompt, sampling: SamplingParams) -> Completion:
-        async for item in self.stream(prompt, sampling):
+    async def generate(
+        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None = None
+    ) -> Completion:
+        async for item in self.stream(prompt, sampling, adapter=adapter):
             if isinstance(item, Completion):
                 return item
         raise RuntimeError("the request ended without a completion")
@@ -110,7 +117,7 @@ class AsyncEngine:
                 self._streams.pop(msg.request_id, None)
                 continue
             try:
-                request_id = self.engine.add_request(msg.prompt, msg.sampling, msg.compression)
+                request_id = self.engine.add_request(msg.prompt, msg.sampling, msg.compression, msg.adapter)
             except ValueError as e:
                 msg.loop.call_soon_threadsafe(msg.outputs.put_nowait, e)
                 continue

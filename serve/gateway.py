@@ -1,0 +1,253 @@
+"""The HTTP front door: OpenAI-compatible chat completions over an engine, with keys and limits.
+
+:class:`Gateway` holds the logic of every route and talks to the engine only through an
+:class:`EngineClient` (an in-process ``AsyncEngine``, or the Engine deployment's handle under Ray
+Serve), so the same code serves both. Every client mistake is answered in OpenAI's error shape
+with a 4xx; a request is admitted only while fewer than ``max_in_flight`` are running (503 with
+``Retry-After`` otherwise, safe to retry: nothing started). A streaming client that disconnects
+cancels its request, which aborts it in the engine and frees its KV and drafter state.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from core.plan import RequestOutput
+from core.prompt import Prompt
+from core.sampling import SamplingParams
+from scheduler.engine import Completion
+from serve.auth import Caller, KeyStore
+from serve.openai.convert import engine_request
+from serve.openai.errors import APIError, bad_request
+from serve.openai.images import ImageLimits
+from serve.openai.protocol import ChatCompletionRequest, chunk_body, completion_body, usage
+
+
+class EngineClient(Protocol):
+    def stream(
+        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
+    ) -> AsyncIterator[RequestOutput | Completion]:
+        """Each step's output for the request, then its ``Completion``; raises ``ValueError`` for
+        a request the engine refuses (e.g. longer than the context); closing it aborts the request."""
+        ...
+
+    async def alive(self) -> bool:
+        """False once the engine's step loop has died."""
+        ...
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model_name: str = "tiny-target"
+    adapters: frozenset[str] = frozenset()  # drafter adapters the engine has loaded
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    default_max_tokens: int = 256
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_in_flight: int = 64
+    retry_after_s: int = 1
+
+
+def covspec_stats(completion: Completion, adapter: str | None) -> dict[str, Any]:
+    s = completion.stats
+    return {
+        "tau": round(s.tau, 4),
+        "verify_steps": s.verify_steps,
+        "draft_tokens": s.draft_tokens,
+        "accepted_tokens": s.accepted_tokens,
+        "adapter": adapter,
+        "ttft_s": round(completion.ttft_s, 4),
+    }
+
+
+def sse(body: dict[str, Any] | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+class Gateway:
+    def __init__(self, engine: EngineClient, processor: Any, keys: KeyStore, config: GatewayConfig) -> None:
+        self.engine, self.processor, self.keys, self.config = engine, processor, keys, config
+        self.in_flight = 0
+
+    # -- routes ---------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            caller = self.keys.authenticate(request.headers.get("authorization"))
+            req = parse_request(await self._body(request))
+            adapter = self._adapter(caller, req.model)
+            work = engine_request(
+                req, self.processor, self.config.image_limits, self.config.default_max_tokens
+            )
+            if self.in_flight >= self.config.max_in_flight:
+                raise APIError(
+                    503, "the server is at capacity; retry shortly", retry_after_s=self.config.retry_after_s
+                )
+            outputs = self.engine.stream(work.prompt, work.sampling, adapter)
+            first = await self._start(outputs)
+        except APIError as e:
+            return error_response(e)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        model = req.model or self.config.model_name
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = self._events(first, outputs, request_id, model, adapter, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        completion = await self._finish(first, outputs)
+        stats = completion.stats
+        body = completion_body(
+            request_id, model, completion.text, completion.finish_reason,
+            usage(stats.prompt_tokens, stats.output_tokens), covspec_stats(completion, adapter),
+        )  # fmt: skip
+        return JSONResponse(body)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            caller = self.keys.authenticate(request.headers.get("authorization"))
+        except APIError as e:
+            return error_response(e)
+        base = {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "covspec"}
+        data = [base]
+        if caller.adapter is not None and caller.adapter in self.config.adapters:
+            data.append(
+                {
+                    **base,
+                    "id": caller.adapter,
+                    "parent": self.config.model_name,
+                    "root": self.config.model_name,
+                }
+            )
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self) -> Response:
+        if await self.engine.alive():
+            return Response(status_code=200)
+        return error_response(APIError(503, "the engine loop is not running"))
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            raise APIError(413, f"request body is larger than {self.config.max_body_bytes} bytes")
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > self.config.max_body_bytes:
+                raise APIError(413, f"request body is larger than {self.config.max_body_bytes} bytes")
+        return body
+
+    def _adapter(self, caller: Caller, model: str | None) -> str | None:
+        """The drafter adapter for this request: the caller's own. ``model`` may name the base
+        model or the caller's adapter; another user's adapter is refused (404: no existence oracle)."""
+        own = caller.adapter if caller.adapter in self.config.adapters else None
+        if model is None or model == self.config.model_name or (own is not None and model == own):
+            return own
+        raise APIError(404, f"model {model!r} does not exist or is not yours", "model")
+
+    async def _start(self, outputs: AsyncIterator[RequestOutput | Completion]) -> RequestOutput | Completion:
+        """The request's first output: a refused request fails here, before any byte is sent."""
+        self.in_flight += 1
+        try:
+            return await anext(outputs)
+        except ValueError as e:
+            self.in_flight -= 1
+            raise bad_request(str(e)) from e
+        except RuntimeError as e:  # the engine loop is gone: not the caller's fault, retry elsewhere
+            self.in_flight -= 1
+            raise APIError(
+                503, f"the engine is not running: {e}", retry_after_s=self.config.retry_after_s
+            ) from e
+
+    async def _finish(
+        self, first: RequestOutput | Completion, rest: AsyncIterator[RequestOutput | Completion]
+    ) -> Completion:
+        try:
+            item = first
+            while not isinstance(item, Completion):
+                item = await anext(rest)
+            return item
+        finally:
+            self.in_flight -= 1
+            await _close(rest)
+
+    async def _events(
+        self,
+        first: RequestOutput | Completion,
+        rest: AsyncIterator[RequestOutput | Completion],
+        request_id: str,
+        model: str,
+        adapter: str | None,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        try:
+            yield sse(chunk_body(request_id, model, {"role": "assistant", "content": ""}))
+            item = first
+            while True:
+                if isinstance(item, Completion):
+                    stats = item.stats
+                    covspec = covspec_stats(item, adapter)
+                    yield sse(chunk_body(request_id, model, {}, item.finish_reason, covspec=covspec))
+                    if include_usage:
+                        yield sse(
+                            chunk_body(
+                                request_id,
+                                model,
+                                None,
+                                usage_=usage(stats.prompt_tokens, stats.output_tokens),
+                            )
+                        )
+                    yield sse("[DONE]")
+                    return
+                if item.text:
+                    yield sse(chunk_body(request_id, model, {"content": item.text}))
+                item = await anext(rest)
+        finally:  # also on disconnect: closing the engine stream aborts the request
+            self.in_flight -= 1
+            await _close(rest)
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}") from e
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise bad_request(f"{where}: {first['msg']}" if where else first["msg"], where or None) from e
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+# (path, HTTP methods, the Gateway method serving it); the Ray Serve ingress mirrors this table
+ROUTES: tuple[tuple[str, list[str], Callable[[Gateway], Callable[..., Any]]], ...] = (
+    ("/v1/chat/completions", ["POST"], lambda g: g.chat),
+    ("/v1/models", ["GET"], lambda g: g.models),
+    ("/health", ["GET"], lambda g: g.health),
+)
+
+
+def make_app(gateway: Gateway) -> FastAPI:
+    """A FastAPI app serving ``gateway`` in this process (tests, and ``covspec serve --no-ray``)."""
+    app = FastAPI(title="CoVSpec Serve")
+    for path, methods, route in ROUTES:
+        app.add_api_route(path, route(gateway), methods=methods)
+    return app

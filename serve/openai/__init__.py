@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: request schema, images, errors and response shapes."""

@@ -1,0 +1,260 @@
+"""The OpenAI-compatible gateway over HTTP (uvicorn, in-process engine on the shipped tiny models):
+the official openai client gets the target's exact answers; every client mistake gets its 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from models.tiny.personas import get_persona
+from models.tiny.samples import EVAL_SEED_START, make_sample
+from scheduler.async_engine import AsyncEngine
+from serve.auth import KeyStore, add_key
+from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
+from serve.engine_client import LocalEngineClient
+from serve.gateway import Gateway, GatewayConfig, make_app
+from serve.openai.images import ImageLimits
+from tests.serve.engine_helpers import Oracle
+from tests.serve.http_server import serving
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+USERS = ("alice", "bob")
+
+
+@dataclass
+class Server:
+    url: str
+    keys: dict[str, str]  # user -> API key
+    built: BuiltEngine
+    gateway: Gateway
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys = {user: add_key(keys_file, user, tenant=f"t-{user}", adapter=user) for user in USERS}
+    adapters = tuple((u, CHECKPOINTS / "adapters" / u) for u in USERS)
+    built = build_engine(
+        CHECKPOINTS / "tiny-target",
+        CHECKPOINTS / "tiny-drafter",
+        EngineOptions(policy="fixed", adapters=adapters),
+    )
+    engine = AsyncEngine(built.engine)
+    config = GatewayConfig(
+        adapters=frozenset(USERS),
+        image_limits=ImageLimits(max_images=2, max_bytes=200_000, max_pixels=256 * 256),
+        max_body_bytes=400_000,
+        max_in_flight=8,
+    )
+    gateway = Gateway(LocalEngineClient(engine), built.processor, KeyStore.load(keys_file), config)
+    with serving(make_app(gateway)) as url:
+        yield Server(url, keys, built, gateway)
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Oracle:
+    return Oracle(CHECKPOINTS / "tiny-target")
+
+
+def client(server: Server, user: str = "bob") -> object:
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key=server.keys[user], max_retries=0)
+
+
+def chat_messages(sample: object, image_url: str) -> list[dict[str, object]]:
+    return [
+        {"role": "system", "content": sample.system},  # type: ignore[attr-defined]
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_url}},
+                {"type": "text", "text": sample.question.text},  # type: ignore[attr-defined]
+            ],
+        },
+    ]
+
+
+def expected_text(oracle: Oracle, sample: object, max_tokens: int) -> str:
+    s = sample
+    ids = oracle.greedy(s.question.text, s.image(), s.system, max_tokens)  # type: ignore[attr-defined]
+    return oracle.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def wait_idle(server: Server, timeout_s: float = 30) -> None:
+    deadline = time.time() + timeout_s
+    while server.built.engine.has_unfinished() or server.gateway.in_flight:
+        assert time.time() < deadline, "requests still running"
+        time.sleep(0.05)
+
+
+def test_openai_client_gets_the_targets_answer_with_an_image(server: Server, oracle: Oracle) -> None:
+    sample = make_sample(EVAL_SEED_START + 41, "bob")
+    out = client(server).chat.completions.create(  # type: ignore[attr-defined]
+        model="tiny-target",
+        messages=chat_messages(sample, data_url(sample.image())),
+        temperature=0,
+        max_tokens=48,
+    )
+    assert out.choices[0].message.content == expected_text(oracle, sample, 48)
+    assert out.usage.completion_tokens > 0 and out.usage.prompt_tokens > 81  # the image's tokens count
+    extra = out.model_extra["covspec"]
+    assert extra["adapter"] == "bob" and extra["tau"] >= 1.0
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_openai_client_streams_the_same_text_with_usage(server: Server, oracle: Oracle) -> None:
+    sample = make_sample(EVAL_SEED_START + 42, "alice", kind="describe")
+    stream = client(server, "alice").chat.completions.create(  # type: ignore[attr-defined]
+        model="alice", messages=chat_messages(sample, data_url(sample.image())), temperature=0,
+        max_completion_tokens=48, stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_text(oracle, sample, 48)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_models_lists_the_base_model_and_the_callers_adapter_only(server: Server) -> None:
+    ids = [m.id for m in client(server, "alice").models.list().data]  # type: ignore[attr-defined]
+    assert ids == ["tiny-target", "alice"]
+
+
+def post(server: Server, body: object, key: str | None = "bob", raw: bytes | None = None) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {server.keys.get(key, key)}"
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(f"{server.url}/v1/chat/completions", content=content, headers=headers, timeout=120)
+
+
+def user_message(*parts: dict[str, object]) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": list(parts)}], "max_tokens": 4}
+
+
+TEXT = {"type": "text", "text": "what do you see?"}
+
+
+def image_part(url: str) -> dict[str, object]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+BIG = Image.new("RGB", (300, 300), (10, 20, 30))
+SMALL = Image.new("RGB", (72, 72), (200, 20, 30))
+BAD_REQUESTS = {
+    "malformed JSON": (None, b"{not json", "bob", 400, "not valid JSON"),
+    "bad base64": (user_message(image_part("data:image/png;base64,@@@"), TEXT), None, "bob", 400, "base64"),
+    "not an image": (
+        user_message(image_part("data:image/png;base64," + base64.b64encode(b"hello").decode()), TEXT),
+        None, "bob", 400, "not an image",
+    ),
+    "too many pixels": (user_message(image_part(data_url(BIG)), TEXT), None, "bob", 400, "pixel limit"),
+    "too many images": (
+        user_message(*[image_part(data_url(SMALL))] * 3, TEXT), None, "bob", 400, "more than 2 images",
+    ),
+    "http image URL": (
+        user_message(image_part("http://169.254.169.254/x.png"), TEXT), None, "bob", 400, "data: URL",
+    ),
+    "prompt too long": ({**user_message(TEXT), "max_tokens": 100_000}, None, "bob", 400, "context window"),
+    "another user's adapter": ({**user_message(TEXT), "model": "alice"}, None, "bob", 404, "does not exist"),
+    "bad key": (user_message(TEXT), None, "sk-nope", 401, "invalid API key"),
+    "no key": (user_message(TEXT), None, None, 401, "missing API key"),
+    "n = 2": ({**user_message(TEXT), "n": 2}, None, "bob", 400, "n = 1"),
+    "unknown field": ({**user_message(TEXT), "temprature": 0}, None, "bob", 400, "temprature"),
+    "no messages": ({"messages": []}, None, "bob", 400, "messages"),
+    "last message not the user's": (
+        {"messages": [{"role": "assistant", "content": "hi"}]}, None, "bob", 400, "last message",
+    ),
+    "body too large": (None, b"x" * 500_000, "bob", 413, "larger than"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_request_gets_its_status_in_openai_shape(server: Server, case: str) -> None:
+    body, raw, key, status, message = BAD_REQUESTS[case]
+    response = post(server, body, key, raw)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["code"] == status and error["type"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_client_disconnect_mid_stream_frees_the_requests_blocks(server: Server) -> None:
+    wait_idle(server)
+    sched = server.built.engine.scheduler
+    free_before = sched.pool.num_free_blocks
+    sample = make_sample(EVAL_SEED_START + 43, "bob", kind="describe")
+    body = {"messages": chat_messages(sample, data_url(sample.image())), "max_tokens": 200, "stream": True}
+    headers = {"authorization": f"Bearer {server.keys['bob']}"}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the stream has started; now hang up
+    wait_idle(server)
+    assert sched.pool.num_free_blocks == free_before
+    sched.check_integrity()
+    assert server.built.engine.drafter is not None
+    server.built.engine.drafter.check_integrity()
+
+
+class HeldEngine:
+    """An engine whose requests wait until ``release`` is set (to hold the gateway full)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = 0
+
+    async def stream(self, prompt: object, sampling: object, adapter: object) -> AsyncIterator[object]:
+        self.started += 1
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        raise ValueError("released")  # ends every held request with a 400
+        yield  # an async generator
+
+    async def alive(self) -> bool:
+        return True
+
+
+def test_overload_gets_503_with_retry_after_not_a_hang(server: Server, tmp_path: Path) -> None:
+    engine = HeldEngine()
+    config = GatewayConfig(max_in_flight=2, retry_after_s=3)
+    gateway = Gateway(engine, server.built.processor, server.gateway.keys, config)
+    with serving(make_app(gateway)) as url, ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(post, replace(server, url=url), user_message(TEXT)) for _ in range(2)]
+        deadline = time.time() + 10
+        while engine.started < 2:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        refused = post(replace(server, url=url), user_message(TEXT))
+        engine.release.set()
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        assert [f.result().status_code for f in held] == [400, 400]
+        assert gateway.in_flight == 0  # every admitted request gave its place back
+        assert engine.started == 2  # the refused one never reached the engine
+
+
+def test_health_is_200_while_the_engine_runs(server: Server) -> None:
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert get_persona("bob").system  # the persona prompts used above exist
