@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # keeps whatever CUDA build the user installed.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup test lint typecheck layers pytest clean
+.PHONY: setup serve test lint typecheck layers pytest clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server)
 	touch $(STAMP)
+
+# The served demo on the bundled tiny models: Ray, Redis and the OpenAI-compatible API on :8000.
+serve: setup
+	$(BIN)/covspec serve --config deploy/local.yaml
 
 lint: setup
 	$(BIN)/ruff check .

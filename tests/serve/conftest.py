@@ -1,7 +1,10 @@
-"""Random-weight target and drafters shared by the engine tests (built once per session)."""
+"""Shared by the serving tests, built once per session: random-weight target and drafters, and the
+real Ray Serve application on the shipped tiny models."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,3 +31,39 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def oracle(folders: dict[str, Path]) -> Oracle:
     return Oracle(folders["target"])
+
+
+@dataclass(frozen=True)
+class RayApp:
+    url: str  # http://127.0.0.1:<port>
+    keys: dict[str, str]  # user -> API key
+
+
+@pytest.fixture(scope="session")
+def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
+    """The real Ray Serve application on the shipped tiny models (one local Ray for the session)."""
+    import ray
+    from ray import serve
+
+    from serve.auth import add_key
+    from serve.deployments import build_app
+    from serve.local_redis import free_port
+    from serve.settings import DeploymentSettings, ServeSettings
+
+    keys_file = tmp_path_factory.mktemp("ray-keys") / "keys.yaml"
+    keys = {u: add_key(keys_file, u, f"t-{u}", u) for u in ("alice", "bob")}
+    settings = ServeSettings(
+        keys_file=keys_file,
+        policy="fixed",
+        engine=DeploymentSettings(num_cpus=1.0),
+        gateway=DeploymentSettings(num_cpus=0.2),
+    )
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings.model_dump(mode="json")), name="covspec", route_prefix="/")
+        yield RayApp(f"http://127.0.0.1:{port}", keys)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import threading
 import time
@@ -27,7 +26,7 @@ from serve.engine_client import LocalEngineClient
 from serve.gateway import Gateway, GatewayConfig, make_app
 from serve.openai.images import ImageLimits
 from tests.serve.engine_helpers import Oracle
-from tests.serve.http_server import serving
+from tests.serve.http_helpers import TEXT, chat_messages, data_url, expected_text, serving, user_message
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 USERS = ("alice", "bob")
@@ -39,12 +38,6 @@ class Server:
     keys: dict[str, str]  # user -> API key
     built: BuiltEngine
     gateway: Gateway
-
-
-def data_url(image: Image.Image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -79,25 +72,6 @@ def client(server: Server, user: str = "bob") -> object:
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.url}/v1", api_key=server.keys[user], max_retries=0)
-
-
-def chat_messages(sample: object, image_url: str) -> list[dict[str, object]]:
-    return [
-        {"role": "system", "content": sample.system},  # type: ignore[attr-defined]
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": image_url}},
-                {"type": "text", "text": sample.question.text},  # type: ignore[attr-defined]
-            ],
-        },
-    ]
-
-
-def expected_text(oracle: Oracle, sample: object, max_tokens: int) -> str:
-    s = sample
-    ids = oracle.greedy(s.question.text, s.image(), s.system, max_tokens)  # type: ignore[attr-defined]
-    return oracle.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def wait_idle(server: Server, timeout_s: float = 30) -> None:
@@ -146,13 +120,6 @@ def post(server: Server, body: object, key: str | None = "bob", raw: bytes | Non
         headers["authorization"] = f"Bearer {server.keys.get(key, key)}"
     content = raw if raw is not None else json.dumps(body).encode()
     return httpx.post(f"{server.url}/v1/chat/completions", content=content, headers=headers, timeout=120)
-
-
-def user_message(*parts: dict[str, object]) -> dict[str, object]:
-    return {"messages": [{"role": "user", "content": list(parts)}], "max_tokens": 4}
-
-
-TEXT = {"type": "text", "text": "what do you see?"}
 
 
 def image_part(url: str) -> dict[str, object]:

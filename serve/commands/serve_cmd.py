@@ -1,0 +1,119 @@
+"""``covspec serve`` and ``covspec keys add``: run the service on Ray Serve; manage API keys."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from serve.commands.base import Command
+
+DEFAULT_CONFIG = Path("deploy/local.yaml")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config YAML (deploy/*.yaml)")
+    p.add_argument("--keys", type=Path, help="API keys file (default: the config's keys_file)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the API")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every one)")
+
+
+def app_args(config: Path) -> dict[str, Any]:
+    """The ``args:`` of the config's single application."""
+    import yaml
+
+    if not config.is_file():
+        raise ValueError(f"config {config} does not exist")
+    try:
+        data = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {config} is not valid YAML: {e}") from e
+    apps = data.get("applications") if isinstance(data, dict) else None
+    if not isinstance(apps, list) or len(apps) != 1:
+        raise ValueError(f"config {config} must hold exactly one entry under applications:")
+    args = apps[0].get("args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"config {config}: applications[0].args must be a mapping")
+    return args
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from serve.deployments import build_app
+    from serve.local_redis import start_redis
+    from serve.settings import ServeSettings
+
+    settings_args = app_args(args.config)
+    if args.keys is not None:
+        settings_args["keys_file"] = str(args.keys)
+    settings = ServeSettings.model_validate(settings_args).resolved(Path.cwd())  # fail before starting
+    if not settings.keys_file.is_file():
+        raise ValueError(f"keys file {settings.keys_file} does not exist; create it with `covspec keys add`")
+    redis = None if os.environ.get("REDIS_URL") else start_redis()
+    started_ray = not os.environ.get("RAY_ADDRESS")
+    try:
+        context = ray.init(address=os.environ.get("RAY_ADDRESS"), dashboard_host="127.0.0.1")
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(settings.model_dump(mode="json")), name="covspec", route_prefix="/")
+        _announce(args, context, redis.url if redis else os.environ["REDIS_URL"])
+        _wait_for_signal()
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+        if redis is not None:
+            redis.stop()
+    return 0
+
+
+def _announce(args: argparse.Namespace, context: Any, redis_url: str) -> None:
+    dashboard = getattr(context, "dashboard_url", "") or "127.0.0.1:8265"
+    print(
+        f"CoVSpec Serve is up.\n"
+        f"  API (OpenAI-compatible): http://{args.host}:{args.port}/v1   (health: /health)\n"
+        f"  Ray dashboard: http://{dashboard}   (if it asks for a token: `.venv/bin/ray get-auth-token`)\n"
+        f"  Redis: {redis_url}\n"
+        f"  Keys: the demo users' keys are in README.md; new ones: covspec keys add --user U --tenant T\n"
+        f"Ctrl-C stops everything this command started.",
+        flush=True,
+    )
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+SERVE = Command(
+    name="serve",
+    help="serve the models over HTTP on Ray Serve (starts Ray and Redis unless RAY_ADDRESS / REDIS_URL)",
+    add_arguments=_serve_args,
+    run=_serve,
+)
+
+
+def _keys_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = sub.add_parser("add", help="create an API key (printed once; only its hash is stored)")
+    add.add_argument("--user", required=True)
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--adapter", help="the user's drafter adapter (a folder name under adapters_dir)")
+    add.add_argument("--file", type=Path, required=True, help="keys file to append to (created if missing)")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from serve.auth import add_key
+
+    key = add_key(args.file, args.user, args.tenant, args.adapter)
+    print(key)
+    return 0
+
+
+KEYS = Command(name="keys", help="manage API keys", add_arguments=_keys_args, run=_keys)

@@ -1,0 +1,141 @@
+"""The Ray Serve deployments: ``Engine`` (scheduler, KV, verifier and drafter with the users'
+adapters) and ``Gateway`` (the FastAPI ingress), composed with a deployment handle.
+
+The engine replica runs its step loop in a thread (``AsyncEngine``); the gateway streams a
+request's outputs from it through the handle, and cancelling that stream (a client hung up)
+cancels the replica's generator, which aborts the request there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from core.plan import RequestOutput
+from core.prompt import Prompt
+from core.sampling import SamplingParams
+from scheduler.engine import Completion
+from serve.settings import ServeSettings
+
+
+def use_cpus(num_cpus: float) -> None:
+    """Torch threads = the CPUs Ray gave this replica (replicas that each grab every core slow
+    each other down)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+class EngineServer:
+    """The body of the ``Engine`` deployment (plain class: testable without Ray)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from scheduler.async_engine import AsyncEngine
+        from serve.engine_builder import EngineOptions, build_engine
+
+        use_cpus(settings.engine.num_cpus)
+        options = EngineOptions(
+            policy=settings.policy, dtype=settings.dtype, max_batch_tokens=settings.max_batch_tokens,
+            adapters=settings.adapter_folders(),
+        )  # fmt: skip
+        self.built = build_engine(settings.target, settings.drafter, options)
+        self.engine = AsyncEngine(self.built.engine)
+
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
+    ) -> AsyncIterator[RequestOutput | Completion]:
+        async for item in self.engine.stream(prompt, sampling, adapter=adapter):
+            yield item
+
+    async def alive(self) -> bool:
+        return self.engine.alive
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; a dead step loop marks the replica unhealthy."""
+        if not self.engine.alive:
+            raise RuntimeError(f"engine loop died: {self.engine.error!r}")
+
+
+class RayEngineClient:
+    """The gateway's :class:`serve.gateway.EngineClient` over the Engine deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+        self.streaming = handle.options(stream=True)
+
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
+    ) -> AsyncIterator[RequestOutput | Completion]:
+        outputs = self.streaming.stream.remote(prompt, sampling, adapter)
+        try:
+            async for item in outputs:
+                yield item
+        finally:
+            outputs.cancel()  # no-op when finished; aborts the request in the engine otherwise
+
+    async def alive(self) -> bool:
+        return bool(await self.handle.alive.remote())
+
+
+api = FastAPI(title="CoVSpec Serve")
+
+
+class GatewayServer:
+    """The body of the ``Gateway`` deployment: routes delegate to :class:`serve.gateway.Gateway`."""
+
+    def __init__(self, engine: DeploymentHandle, settings: ServeSettings) -> None:
+        from transformers import AutoProcessor
+
+        from serve.auth import KeyStore
+        from serve.gateway import Gateway, GatewayConfig
+        from serve.openai.images import ImageLimits
+
+        use_cpus(settings.gateway.num_cpus)
+        config = GatewayConfig(
+            model_name=settings.model_name,
+            adapters=frozenset(name for name, _ in settings.adapter_folders()),
+            image_limits=ImageLimits(
+                settings.max_images, settings.max_image_bytes, settings.max_image_pixels
+            ),
+            default_max_tokens=settings.default_max_tokens,
+            max_body_bytes=settings.max_body_bytes,
+            max_in_flight=settings.max_in_flight,
+        )
+        processor = AutoProcessor.from_pretrained(settings.target, local_files_only=True)
+        self.gateway = Gateway(RayEngineClient(engine), processor, KeyStore.load(settings.keys_file), config)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        return await self.gateway.chat(request)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        return await self.gateway.models(request)
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        return await self.gateway.health()
+
+
+EngineDeployment = serve.deployment(name="Engine")(EngineServer)
+GatewayDeployment = serve.deployment(name="Gateway")(serve.ingress(api)(GatewayServer))
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application from ``args`` (a ``ServeSettings`` as a dict): the ``import_path``
+    target of ``deploy/*.yaml`` (``serve.deployments:build_app``)."""
+    settings = ServeSettings.model_validate(args)
+
+    def options(d: Any) -> dict[str, Any]:
+        return {
+            "num_replicas": d.num_replicas, "ray_actor_options": d.ray_actor_options(),
+            "max_ongoing_requests": d.max_ongoing_requests, "max_queued_requests": d.max_queued_requests,
+        }  # fmt: skip
+
+    engine = EngineDeployment.options(**options(settings.engine)).bind(settings)
+    return GatewayDeployment.options(**options(settings.gateway)).bind(engine, settings)

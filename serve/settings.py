@@ -1,0 +1,74 @@
+"""The service's configuration, validated by pydantic: model folders, keys, deployments, limits.
+
+The same object comes from ``deploy/*.yaml`` (the ``args:`` of the Serve application) and from
+``covspec serve``; an unknown key or a bad value is refused with the path to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeploymentSettings(Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0, description="Ray CPUs per replica; torch threads follow it")
+    num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. edge")
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded (not recommended)")
+
+    def ray_actor_options(self) -> dict[str, object]:
+        options: dict[str, object] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+
+class ServeSettings(Strict):
+    target: Path = CHECKPOINTS / "tiny-target"
+    drafter: Path | None = CHECKPOINTS / "tiny-drafter"  # None: plain decoding
+    adapters_dir: Path | None = CHECKPOINTS / "adapters"  # each subfolder a user's drafter LoRA
+    keys_file: Path = Path("deploy/demo-keys.yaml")
+    model_name: str = "tiny-target"
+    policy: str = "load_aware"
+    dtype: str = "fp32"
+    max_batch_tokens: int = Field(default=512, ge=16)
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_images: int = Field(default=4, ge=0)
+    max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_in_flight: int = Field(default=64, ge=1, description="per gateway replica; beyond it 503")
+    engine: DeploymentSettings = DeploymentSettings(num_cpus=1.0)
+    gateway: DeploymentSettings = DeploymentSettings(num_cpus=0.2, max_ongoing_requests=256)
+
+    def resolved(self, base: Path) -> ServeSettings:
+        """The same settings with relative paths made absolute against ``base`` (replicas may run
+        in another working directory)."""
+
+        def absolute(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+        return self.model_copy(
+            update={
+                "target": absolute(self.target),
+                "drafter": absolute(self.drafter),
+                "adapters_dir": absolute(self.adapters_dir),
+                "keys_file": absolute(self.keys_file),
+            }
+        )
+
+    def adapter_folders(self) -> tuple[tuple[str, Path], ...]:
+        """(name, folder) of every adapter under ``adapters_dir`` (a folder with an adapter config)."""
+        if self.drafter is None or self.adapters_dir is None or not self.adapters_dir.is_dir():
+            return ()
+        found = sorted(p for p in self.adapters_dir.iterdir() if (p / "adapter_config.json").is_file())
+        return tuple((p.name, p) for p in found)

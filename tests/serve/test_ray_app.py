@@ -1,0 +1,62 @@
+"""The real Ray Serve application (Gateway + Engine deployments, local Ray, shipped tiny models),
+called over HTTP with the official openai client: exactly the target's answers, errors in shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.tiny.samples import EVAL_SEED_START, make_sample
+from tests.serve.conftest import RayApp
+from tests.serve.engine_helpers import Oracle
+from tests.serve.http_helpers import TEXT, chat_messages, data_url, expected_text, user_message
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def shipped_oracle() -> Oracle:
+    return Oracle(CHECKPOINTS / "tiny-target")
+
+
+def openai_client(app: RayApp, user: str) -> object:
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{app.url}/v1", api_key=app.keys[user], max_retries=0, timeout=120)
+
+
+def test_ray_app_answers_like_the_target_streaming_and_not(ray_app: RayApp, shipped_oracle: Oracle) -> None:
+    sample = make_sample(EVAL_SEED_START + 51, "bob", kind="describe")
+    messages = chat_messages(sample, data_url(sample.image()))
+    client = openai_client(ray_app, "bob")
+    whole = client.chat.completions.create(
+        model="tiny-target", messages=messages, temperature=0, max_tokens=48
+    )  # type: ignore[attr-defined]
+    stream = client.chat.completions.create(  # type: ignore[attr-defined]
+        model="bob", messages=messages, temperature=0, max_tokens=48, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    expected = expected_text(shipped_oracle, sample, 48)
+    assert whole.choices[0].message.content == streamed == expected
+    assert whole.model_extra["covspec"]["adapter"] == "bob"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_ray_app_refuses_bad_requests_and_stays_healthy(ray_app: RayApp) -> None:
+    def post(body: object, key: str) -> httpx.Response:
+        headers = {"authorization": f"Bearer {key}"}
+        return httpx.post(f"{ray_app.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+    assert post(user_message(TEXT), "sk-wrong").status_code == 401
+    assert post({**user_message(TEXT), "n": 2}, ray_app.keys["bob"]).status_code == 400
+    assert post({**user_message(TEXT), "model": "alice"}, ray_app.keys["bob"]).status_code == 404
+    assert post({**user_message(TEXT), "max_tokens": 100_000}, ray_app.keys["bob"]).status_code == 400
+    assert httpx.get(f"{ray_app.url}/health", timeout=30).status_code == 200
+    models = httpx.get(
+        f"{ray_app.url}/v1/models", headers={"authorization": f"Bearer {ray_app.keys['alice']}"}
+    )
+    assert [m["id"] for m in models.json()["data"]] == ["tiny-target", "alice"]
