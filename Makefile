@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # keeps whatever CUDA build the user installed.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup serve test lint typecheck layers pytest clean
+.PHONY: setup serve loadtest test lint typecheck layers pytest clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,18 @@ $(STAMP): pyproject.toml
 # The served demo on the bundled tiny models: Ray, Redis and the OpenAI-compatible API on :8000.
 serve: setup
 	$(BIN)/covspec serve --config deploy/local.yaml
+
+# Load test of a running server (make serve): headless Locust, CSV + HTML + a summary table.
+LOADTEST_USERS ?= 8
+LOADTEST_TIME ?= 60s
+LOADTEST_HOST ?= http://127.0.0.1:8000
+COVSPEC_API_KEYS ?= sk-demo-alice,sk-demo-bob,sk-demo-carol,sk-demo-dave
+loadtest: setup
+	mkdir -p loadtest/results
+	COVSPEC_API_KEYS=$(COVSPEC_API_KEYS) $(BIN)/locust -f loadtest/locustfile.py --headless \
+		-H $(LOADTEST_HOST) -u $(LOADTEST_USERS) -r 2 -t $(LOADTEST_TIME) \
+		--csv loadtest/results/run --html loadtest/results/run.html --only-summary
+	$(BIN)/python -m loadtest.summary loadtest/results/run | tee loadtest/results/summary.md
 
 lint: setup
 	$(BIN)/ruff check .

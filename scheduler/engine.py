@@ -18,6 +18,7 @@ from core.plan import RequestOutput, RequestStats
 from core.prompt import EncodedPrompt, Prompt
 from core.protocols import Drafter, Verifier
 from core.sampling import SamplingParams
+from core.verify import VerifyItem
 from scheduler.request import RequestState
 from scheduler.scheduler import Scheduler
 
@@ -31,6 +32,16 @@ class Completion:
     stats: RequestStats
     ttft_s: float  # time to the first token
     time_s: float  # time to the last token
+
+
+@dataclass
+class StepTotals:
+    """Running sums over the engine's steps (for metrics: differences between two reads)."""
+
+    steps: int = 0
+    requests: int = 0  # requests in each step's verifier batch
+    verify_tokens: int = 0  # tokens the verifier forwards carried (chunks, last tokens, tree nodes)
+    draft_nodes: int = 0
 
 
 @dataclass
@@ -59,6 +70,7 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = random.Random(seed)
         self._tracking: dict[int, _Tracking] = {}
+        self.totals = StepTotals()
 
     def add_request(
         self,
@@ -106,13 +118,22 @@ class Engine:
         scheduled = time.perf_counter()
         proposals = self.drafter.propose(plan.drafts) if plan.drafts and self.drafter else []
         drafted = time.perf_counter()
-        outcomes = self.verifier.verify(plan.with_trees(proposals))
+        items = plan.with_trees(proposals)
+        outcomes = self.verifier.verify(items)
+        self._count(items)
         outputs = self.scheduler.update(plan, outcomes)
         done = time.perf_counter()
         # scheduling and bookkeeping count with the verify part: every step pays them
         draft_ms, other_ms = drafted - scheduled, (scheduled - started) + (done - drafted)
         self.scheduler.record_step_time(1000 * draft_ms, 1000 * other_ms)
         return [self._with_text(out) for out in outputs]
+
+    def _count(self, items: Sequence[VerifyItem]) -> None:
+        drafts = sum(i.num_draft for i in items)
+        self.totals.steps += 1
+        self.totals.requests += len(items)
+        self.totals.verify_tokens += sum(len(i.token_ids) for i in items) + drafts
+        self.totals.draft_nodes += drafts
 
     def generate(
         self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams]

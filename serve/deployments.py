@@ -8,6 +8,8 @@ cancels the replica's generator, which aborts the request there.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +22,7 @@ from core.plan import RequestOutput
 from core.prompt import Prompt
 from core.sampling import SamplingParams
 from scheduler.engine import Completion
+from serve.metrics import EngineMetrics, GatewayMetrics
 from serve.settings import ServeSettings
 
 
@@ -45,12 +48,22 @@ class EngineServer:
         )  # fmt: skip
         self.built = build_engine(settings.target, settings.drafter, options)
         self.engine = AsyncEngine(self.built.engine)
+        self.metrics = EngineMetrics()
+        threading.Thread(target=self._sample_metrics, name="covspec-metrics", daemon=True).start()
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
     ) -> AsyncIterator[RequestOutput | Completion]:
         async for item in self.engine.stream(prompt, sampling, adapter=adapter):
+            if isinstance(item, Completion):
+                self.metrics.finished(item)
             yield item
+
+    def _sample_metrics(self, period_s: float = 1.0) -> None:
+        """Queue, KV, batch and adapter gauges, read from the engine every ``period_s``."""
+        while self.engine.alive:
+            self.metrics.sample(self.built.engine, self.built.adapters)
+            time.sleep(period_s)
 
     async def alive(self) -> bool:
         return self.engine.alive
@@ -107,7 +120,8 @@ class GatewayServer:
             max_in_flight=settings.max_in_flight,
         )
         processor = AutoProcessor.from_pretrained(settings.target, local_files_only=True)
-        self.gateway = Gateway(RayEngineClient(engine), processor, KeyStore.load(settings.keys_file), config)
+        keys, metrics = KeyStore.load(settings.keys_file), GatewayMetrics()
+        self.gateway = Gateway(RayEngineClient(engine), processor, keys, config, record=metrics.request)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:

@@ -71,14 +71,33 @@ def sse(body: dict[str, Any] | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
 
+# told the HTTP status of every chat response and the caller's tenant (None before auth)
+ResponseRecorder = Callable[[int, str | None], None]
+
+
 class Gateway:
-    def __init__(self, engine: EngineClient, processor: Any, keys: KeyStore, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        processor: Any,
+        keys: KeyStore,
+        config: GatewayConfig,
+        record: ResponseRecorder = lambda status, tenant: None,
+    ) -> None:
         self.engine, self.processor, self.keys, self.config = engine, processor, keys, config
+        self.record = record
         self.in_flight = 0
 
     # -- routes ---------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Response:
+        response, tenant = await self._chat(request)
+        self.record(response.status_code, tenant)
+        return response
+
+    async def _chat(self, request: Request) -> tuple[Response, str | None]:
+        """The response, and the caller's tenant once known."""
+        caller = None
         try:
             caller = self.keys.authenticate(request.headers.get("authorization"))
             req = parse_request(await self._body(request))
@@ -93,20 +112,20 @@ class Gateway:
             outputs = self.engine.stream(work.prompt, work.sampling, adapter)
             first = await self._start(outputs)
         except APIError as e:
-            return error_response(e)
+            return error_response(e), None if caller is None else caller.tenant
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or self.config.model_name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._events(first, outputs, request_id, model, adapter, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream"), caller.tenant
         completion = await self._finish(first, outputs)
         stats = completion.stats
         body = completion_body(
             request_id, model, completion.text, completion.finish_reason,
             usage(stats.prompt_tokens, stats.output_tokens), covspec_stats(completion, adapter),
         )  # fmt: skip
-        return JSONResponse(body)
+        return JSONResponse(body), caller.tenant
 
     async def models(self, request: Request) -> Response:
         try:

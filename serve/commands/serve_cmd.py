@@ -71,11 +71,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def deployment_states() -> str:
+    """``Engine: HEALTHY (1 replica), Gateway: HEALTHY (1 replica)`` from Ray Serve's status."""
+    from ray import serve
+
+    app = serve.status().applications["covspec"]
+    return ", ".join(
+        f"{name}: {d.status.value} ({sum(d.replica_states.values())} replica(s))"
+        for name, d in app.deployments.items()
+    )
+
+
 def _announce(args: argparse.Namespace, context: Any, redis_url: str) -> None:
     dashboard = getattr(context, "dashboard_url", "") or "127.0.0.1:8265"
     print(
         f"CoVSpec Serve is up.\n"
         f"  API (OpenAI-compatible): http://{args.host}:{args.port}/v1   (health: /health)\n"
+        f"  Deployments: {deployment_states()}\n"
         f"  Ray dashboard: http://{dashboard}   (if it asks for a token: `.venv/bin/ray get-auth-token`)\n"
         f"  Redis: {redis_url}\n"
         f"  Keys: the demo users' keys are in README.md; new ones: covspec keys add --user U --tenant T\n"

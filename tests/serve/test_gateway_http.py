@@ -38,6 +38,7 @@ class Server:
     keys: dict[str, str]  # user -> API key
     built: BuiltEngine
     gateway: Gateway
+    responses: list[tuple[int, str | None]]  # (status, tenant) of every chat response, as metrics see them
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         max_body_bytes=400_000,
         max_in_flight=8,
     )
-    gateway = Gateway(LocalEngineClient(engine), built.processor, KeyStore.load(keys_file), config)
+    responses: list[tuple[int, str | None]] = []
+    gateway = Gateway(
+        LocalEngineClient(engine), built.processor, KeyStore.load(keys_file), config,
+        record=lambda status, tenant: responses.append((status, tenant)),
+    )  # fmt: skip
     with serving(make_app(gateway)) as url:
-        yield Server(url, keys, built, gateway)
+        yield Server(url, keys, built, gateway, responses)
     engine.shutdown()
 
 
@@ -225,3 +230,10 @@ def test_overload_gets_503_with_retry_after_not_a_hang(server: Server, tmp_path:
 def test_health_is_200_while_the_engine_runs(server: Server) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert get_persona("bob").system  # the persona prompts used above exist
+
+
+def test_every_chat_response_is_recorded_with_status_and_tenant(server: Server) -> None:
+    server.responses.clear()
+    assert post(server, user_message(TEXT), key="sk-nope").status_code == 401
+    assert post(server, user_message(TEXT)).status_code == 200
+    assert server.responses == [(401, None), (200, "t-bob")]

@@ -60,3 +60,28 @@ def test_ray_app_refuses_bad_requests_and_stays_healthy(ray_app: RayApp) -> None
         f"{ray_app.url}/v1/models", headers={"authorization": f"Bearer {ray_app.keys['alice']}"}
     )
     assert [m["id"] for m in models.json()["data"]] == ["tiny-target", "alice"]
+
+
+def test_short_headless_locust_run_has_no_failures(ray_app: RayApp, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from loadtest.summary import failures, stats_rows
+
+    prefix = tmp_path / "run"
+    env = {**os.environ, "COVSPEC_API_KEYS": ",".join(ray_app.keys.values()), "COVSPEC_MAX_TOKENS": "16"}
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-H", ray_app.url,
+         "-u", "2", "-r", "2", "-t", "8s", "--csv", str(prefix), "--only-summary"],
+        capture_output=True, text=True, timeout=120, check=False, env=env, cwd=CHECKPOINTS.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["Name"]: row for row in stats_rows(str(prefix))}
+    assert (
+        int(rows["chat:stream"]["Request Count"])
+        + int(rows.get("chat:stream:shared-prefix", {}).get("Request Count", 0))
+        > 0
+    )
+    assert {"ttft_ms", "e2e_ms", "tokens_per_s"} <= rows.keys()
+    assert failures(str(prefix)) == 0

@@ -1,0 +1,124 @@
+"""The service's metrics, through Ray's metrics API (Ray dashboard, Prometheus, Grafana).
+
+Ray Serve adds the deployment, replica and application tags; names carry the ``covspec_``
+prefix (Prometheus shows them as ``ray_covspec_...``). Tags stay low-cardinality: HTTP status
+class, tenant (from the keys file, a bounded set), never users' request contents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+LATENCY_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+TAU = [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0]
+
+
+def _metrics() -> Any:
+    from ray.serve import metrics
+
+    return metrics
+
+
+class GatewayMetrics:
+    """Counted by the Gateway deployment: every response by status and tenant."""
+
+    def __init__(self) -> None:
+        m = _metrics()
+        self.requests = m.Counter(
+            "covspec_requests",
+            description="chat requests by HTTP status and tenant",
+            tag_keys=("status", "tenant"),
+        )
+
+    def request(self, status: int, tenant: str | None) -> None:
+        self.requests.inc(1, tags={"status": str(status), "tenant": tenant or "unknown"})
+
+
+@dataclass
+class _Seen:
+    """The last engine totals and adapter stats read, to turn running sums into increments."""
+
+    steps: int = 0
+    requests: int = 0
+    verify_tokens: int = 0
+    adapter_loads: int = 0
+    adapter_evictions: int = 0
+
+
+class EngineMetrics:
+    """Recorded by the Engine deployment: per finished request, and sampled from the engine."""
+
+    def __init__(self) -> None:
+        m = _metrics()
+        hist = m.Histogram
+        self.ttft = hist("covspec_ttft_seconds", description="time to first token", boundaries=LATENCY_S)
+        self.tpot = hist(
+            "covspec_tpot_seconds", description="time per output token after the first", boundaries=LATENCY_S
+        )
+        self.e2e = hist(
+            "covspec_e2e_seconds", description="request time, end to end in the engine", boundaries=LATENCY_S
+        )
+        self.tau = hist("covspec_tau", description="tokens per verify step, per request", boundaries=TAU)
+        self.verify_steps = m.Counter(
+            "covspec_spec_verify_steps", description="verify steps of finished requests"
+        )
+        self.draft_tokens = m.Counter("covspec_spec_draft_tokens", description="draft tree nodes verified")
+        self.accepted_tokens = m.Counter("covspec_spec_accepted_tokens", description="draft tokens accepted")
+        self.output_tokens = m.Counter("covspec_output_tokens", description="tokens generated")
+        self.batch_requests = m.Gauge(
+            "covspec_verifier_batch_requests",
+            description="requests per verifier step (mean since last sample)",
+        )
+        self.step_tokens = m.Gauge(
+            "covspec_verifier_tokens_per_step",
+            description="tokens per verifier forward (mean since last sample)",
+        )
+        self.waiting = m.Gauge("covspec_queue_waiting", description="requests waiting for KV")
+        self.running = m.Gauge("covspec_queue_running", description="requests holding KV")
+        self.kv_used = m.Gauge("covspec_kv_blocks_used_fraction", description="target KV blocks in use")
+        self.drafter_kv_used = m.Gauge(
+            "covspec_drafter_kv_blocks_used_fraction", description="drafter KV blocks in use"
+        )
+        self.adapter_loads = m.Counter("covspec_adapter_loads", description="adapters written into a slot")
+        self.adapter_evictions = m.Counter("covspec_adapter_evictions", description="adapters evicted (LRU)")
+        self._seen = _Seen()
+
+    def finished(self, completion: Any) -> None:
+        s = completion.stats
+        self.ttft.observe(completion.ttft_s)
+        self.e2e.observe(completion.time_s)
+        if s.output_tokens > 1:
+            self.tpot.observe((completion.time_s - completion.ttft_s) / (s.output_tokens - 1))
+        if s.verify_steps:
+            self.tau.observe(s.tau)
+            self.verify_steps.inc(s.verify_steps)
+        if s.draft_tokens:
+            self.draft_tokens.inc(s.draft_tokens)
+        if s.accepted_tokens:
+            self.accepted_tokens.inc(s.accepted_tokens)
+        if s.output_tokens:
+            self.output_tokens.inc(s.output_tokens)
+
+    def sample(self, engine: Any, adapters: Any) -> None:
+        """Gauges from the engine's state now, and increments since the last sample."""
+        sched, totals, seen = engine.scheduler, engine.totals, self._seen
+        self.waiting.set(len(sched.waiting))
+        self.running.set(len(sched.running))
+        self.kv_used.set(1 - sched.pool.num_free_blocks / sched.pool.num_blocks)
+        self.drafter_kv_used.set(sched.drafter_kv_used())
+        steps = totals.steps - seen.steps
+        if steps:
+            self.batch_requests.set((totals.requests - seen.requests) / steps)
+            self.step_tokens.set((totals.verify_tokens - seen.verify_tokens) / steps)
+        seen.steps, seen.requests, seen.verify_tokens = totals.steps, totals.requests, totals.verify_tokens
+        if adapters is not None:
+            loads, evictions = (
+                adapters.stats.loads - seen.adapter_loads,
+                adapters.stats.evictions - seen.adapter_evictions,
+            )
+            if loads:
+                self.adapter_loads.inc(loads)
+            if evictions:
+                self.adapter_evictions.inc(evictions)
+            seen.adapter_loads, seen.adapter_evictions = adapters.stats.loads, adapters.stats.evictions

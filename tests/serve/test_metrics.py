@@ -1,0 +1,79 @@
+"""Metrics: what the engine and gateway report, through a stand-in for Ray's metrics API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from core.plan import RequestStats
+from scheduler.engine import Completion, StepTotals
+from serve import metrics as metrics_module
+from serve.metrics import EngineMetrics, GatewayMetrics
+
+
+@dataclass
+class Recorded:
+    name: str
+    values: list[tuple[float, dict[str, str]]] = field(default_factory=list)
+
+    def inc(self, value: float = 1, tags: dict[str, str] | None = None) -> None:
+        self.values.append((value, tags or {}))
+
+    observe = set = inc
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, Recorded]:
+    made: dict[str, Recorded] = {}
+
+    def make(name: str, **_: Any) -> Recorded:
+        made[name] = Recorded(name)
+        return made[name]
+
+    fake = SimpleNamespace(Counter=make, Gauge=make, Histogram=make)
+    monkeypatch.setattr(metrics_module, "_metrics", lambda: fake)
+    return made
+
+
+def test_finished_request_feeds_latency_tau_and_speculation_counters(recorded: dict[str, Recorded]) -> None:
+    m = EngineMetrics()
+    stats = RequestStats(
+        prompt_tokens=100, output_tokens=11, verify_steps=4, draft_tokens=20, accepted_tokens=7
+    )
+    m.finished(Completion(1, tuple(range(11)), "x", "stop", stats, ttft_s=0.2, time_s=1.2))
+    assert recorded["covspec_ttft_seconds"].values == [(0.2, {})]
+    assert recorded["covspec_tpot_seconds"].values == [(pytest.approx(0.1), {})]
+    assert recorded["covspec_tau"].values == [(2.75, {})]
+    assert recorded["covspec_spec_draft_tokens"].values == [(20, {})]
+    assert recorded["covspec_spec_accepted_tokens"].values == [(7, {})]
+
+
+def test_samples_turn_running_sums_into_means_and_increments(recorded: dict[str, Recorded]) -> None:
+    m = EngineMetrics()
+    pool = SimpleNamespace(num_free_blocks=75, num_blocks=100)
+    sched = SimpleNamespace(waiting=[1, 2], running=[3], pool=pool, drafter_kv_used=lambda: 0.5)
+    engine = SimpleNamespace(scheduler=sched, totals=StepTotals(steps=4, requests=12, verify_tokens=400))
+    adapters = SimpleNamespace(stats=SimpleNamespace(loads=3, evictions=1))
+    m.sample(engine, adapters)
+    engine.totals = StepTotals(steps=6, requests=22, verify_tokens=500)
+    adapters.stats.loads = 5
+    m.sample(engine, adapters)
+    assert recorded["covspec_verifier_batch_requests"].values == [(3.0, {}), (5.0, {})]
+    assert recorded["covspec_verifier_tokens_per_step"].values == [(100.0, {}), (50.0, {})]
+    assert recorded["covspec_kv_blocks_used_fraction"].values[-1] == (0.25, {})
+    assert recorded["covspec_queue_waiting"].values[-1] == (2, {})
+    assert recorded["covspec_adapter_loads"].values == [(3, {}), (2, {})]
+    assert recorded["covspec_adapter_evictions"].values == [(1, {})]
+
+
+def test_gateway_counts_requests_by_status_and_tenant(recorded: dict[str, Recorded]) -> None:
+    m = GatewayMetrics()
+    m.request(200, "acme")
+    m.request(401, None)
+    assert recorded["covspec_requests"].values == [
+        (1, {"status": "200", "tenant": "acme"}),
+        (1, {"status": "401", "tenant": "unknown"}),
+    ]
