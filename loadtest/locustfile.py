@@ -4,11 +4,11 @@ Each simulated user takes an API key (``COVSPEC_API_KEY``, or one of the comma-s
 ``COVSPEC_API_KEYS``, round robin: the keys' users pick the drafter adapters, so the key list is
 the adapter mix) and asks about ShapesWorld scenes in that key's persona, streaming the answer.
 A share ``COVSPEC_SHARED_PREFIX_SHARE`` (default 0.3) of requests reuse one common image and
-system prompt (what a prefix cache can serve). TTFT, TPOT, end-to-end time and tokens/s are
-reported as their own rows (request type ``METRIC``; ``tokens_per_s`` puts a rate in Locust's
-time columns), because Locust's own response time of a
-streamed request stops at the headers. A 200 that ends without ``[DONE]`` or with an error event
-counts as a failure.
+system prompt (what a prefix cache can serve). TTFT, TPOT, end-to-end time, tokens/s and τ (from
+the last chunk's ``covspec`` object) are reported as their own rows (request type ``METRIC``; the
+last two put a rate in Locust's time columns, whose percentiles Locust rounds to integers: read
+their averages), because Locust's own response time of a streamed request stops at the headers.
+A 200 that ends without ``[DONE]`` or with an error event counts as a failure.
 
     COVSPEC_API_KEYS=sk-demo-alice,sk-demo-bob locust -f loadtest/locustfile.py --headless \\
         -H http://127.0.0.1:8000 -u 8 -r 2 -t 60s --csv loadtest/results/run
@@ -91,7 +91,7 @@ class ChatUser(HttpUser):
         shared = self.rng.random() < SHARED_SHARE
         seed = SHARED_SEED if shared else EVAL_SEED_START + self.rng.randrange(10**6)
         body = chat_body(seed, self.persona)
-        started, first, tokens, done, error = time.perf_counter(), None, 0, False, None
+        started, first, tokens, done, error, tau = time.perf_counter(), None, 0, False, None, None
         name = "chat:stream:shared-prefix" if shared else "chat:stream"
         with self.client.post(
             "/v1/chat/completions",
@@ -119,6 +119,8 @@ class ChatUser(HttpUser):
                     first = time.perf_counter()
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
+                if event.get("covspec"):
+                    tau = event["covspec"]["tau"]
             total = time.perf_counter() - started
             if error is not None or not done:
                 response.failure(f"stream ended without [DONE]: {error}")
@@ -130,3 +132,5 @@ class ChatUser(HttpUser):
         if tokens > 1 and first is not None:
             metric("tpot_ms", 1000 * (total - ttft) / (tokens - 1), tokens)
         metric("tokens_per_s", tokens / total, tokens)  # a rate in the time columns: see summary.py
+        if tau is not None:
+            metric("tau", tau, tokens)  # tokens per verify step of this request, likewise

@@ -9,7 +9,7 @@ import csv
 import sys
 from pathlib import Path
 
-UNITS = {"tokens_per_s": "tok/s"}
+UNITS = {"tokens_per_s": "tok/s", "tau": "tokens/step"}
 
 
 def stats_rows(prefix: str) -> list[dict[str, str]]:
@@ -21,13 +21,14 @@ def stats_rows(prefix: str) -> list[dict[str, str]]:
 def summary(prefix: str) -> str:
     rows = stats_rows(prefix)
     lines = [
-        "| type | name | requests | failures | median | p95 | p99 | unit |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| type | name | requests | failures | mean | median | p95 | p99 | unit |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         unit = UNITS.get(row["Name"], "ms")
         lines.append(
             f"| {row['Type']} | {row['Name']} | {row['Request Count']} | {row['Failure Count']} | "
+            f"{float(row['Average Response Time']):.2f} | "
             f"{row['Median Response Time']} | {row['95%']} | {row['99%']} | {unit} |"
         )
     return "\n".join(lines)
