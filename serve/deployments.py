@@ -113,7 +113,11 @@ class GatewayServer:
             model_name=settings.model_name,
             adapters=frozenset(name for name, _ in settings.adapter_folders()),
             image_limits=ImageLimits(
-                settings.max_images, settings.max_image_bytes, settings.max_image_pixels
+                settings.max_images,
+                settings.max_image_bytes,
+                settings.max_image_pixels,
+                frozenset(settings.image_hosts),
+                settings.image_fetch_timeout_s,
             ),
             default_max_tokens=settings.default_max_tokens,
             max_body_bytes=settings.max_body_bytes,

@@ -102,7 +102,7 @@ class Gateway:
             caller = self.keys.authenticate(request.headers.get("authorization"))
             req = parse_request(await self._body(request))
             adapter = self._adapter(caller, req.model)
-            work = engine_request(
+            work = await engine_request(
                 req, self.processor, self.config.image_limits, self.config.default_max_tokens
             )
             if self.in_flight >= self.config.max_in_flight:

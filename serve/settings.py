@@ -45,6 +45,8 @@ class ServeSettings(Strict):
     max_images: int = Field(default=4, ge=0)
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=4096 * 4096, ge=64)
+    image_hosts: list[str] = Field(default_factory=list, description="hosts http(s) images may come from")
+    image_fetch_timeout_s: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(default=64, ge=1, description="per gateway replica; beyond it 503")
     engine: DeploymentSettings = DeploymentSettings(num_cpus=1.0)

@@ -9,7 +9,7 @@ from core.prompt import Prompt
 from core.sampling import SamplingParams
 from serve.chat import messages_prompt
 from serve.openai.errors import bad_request
-from serve.openai.images import ImageLimits, decode_image
+from serve.openai.images import ImageLimits, load_image
 from serve.openai.protocol import ChatCompletionRequest, ImagePart
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -21,7 +21,7 @@ class EngineRequest:
     sampling: SamplingParams
 
 
-def template_messages(
+async def template_messages(
     req: ChatCompletionRequest, limits: ImageLimits
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """OpenAI messages -> transformers messages with image placeholders, and the decoded images."""
@@ -38,7 +38,7 @@ def template_messages(
                         raise bad_request("images are accepted in user messages only", f"messages[{i}]")
                     if len(images) == limits.max_images:
                         raise bad_request(f"more than {limits.max_images} images in one request", "messages")
-                    images.append(decode_image(part.image_url.url, limits, f"messages[{i}].content[{j}]"))
+                    images.append(await load_image(part.image_url.url, limits, f"messages[{i}].content[{j}]"))
                     parts.append({"type": "image"})
                 else:
                     parts.append({"type": "text", "text": part.text})
@@ -48,11 +48,11 @@ def template_messages(
     return messages, images
 
 
-def engine_request(
+async def engine_request(
     req: ChatCompletionRequest, processor: Any, limits: ImageLimits, default_max_tokens: int
 ) -> EngineRequest:
     """``APIError`` 400 for anything the caller got wrong; the engine checks the context length."""
-    messages, images = template_messages(req, limits)
+    messages, images = await template_messages(req, limits)
     try:
         prompt = messages_prompt(processor, messages, images)
         sampling = SamplingParams(

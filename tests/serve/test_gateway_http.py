@@ -145,7 +145,7 @@ BAD_REQUESTS = {
         user_message(*[image_part(data_url(SMALL))] * 3, TEXT), None, "bob", 400, "more than 2 images",
     ),
     "http image URL": (
-        user_message(image_part("http://169.254.169.254/x.png"), TEXT), None, "bob", 400, "data: URL",
+        user_message(image_part("http://169.254.169.254/x.png"), TEXT), None, "bob", 400, "allow-list",
     ),
     "prompt too long": ({**user_message(TEXT), "max_tokens": 100_000}, None, "bob", 400, "context window"),
     "another user's adapter": ({**user_message(TEXT), "model": "alice"}, None, "bob", 404, "does not exist"),
