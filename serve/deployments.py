@@ -3,7 +3,8 @@ adapters) and ``Gateway`` (the FastAPI ingress), composed with a deployment hand
 
 The engine replica runs its step loop in a thread (``AsyncEngine``); the gateway streams a
 request's outputs from it through the handle, and cancelling that stream (a client hung up)
-cancels the replica's generator, which aborts the request there.
+cancels the replica's generator, which aborts the request there. Requests carry their adapter as
+Ray Serve's multiplexed model id: the router prefers engine replicas already drafting with it.
 """
 
 from __future__ import annotations
@@ -51,9 +52,17 @@ class EngineServer:
         self.metrics = EngineMetrics()
         threading.Thread(target=self._sample_metrics, name="covspec-metrics", daemon=True).start()
 
+    @serve.multiplexed(max_num_models_per_replica=16)
+    async def adapter_in_use(self, adapter: str) -> str:
+        """Tells Ray Serve's router that this replica drafts with ``adapter`` now, so the same
+        user's next requests prefer it (adapter affinity); the registry does the real loading."""
+        return adapter
+
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
     ) -> AsyncIterator[RequestOutput | Completion]:
+        if adapter is not None:
+            await self.adapter_in_use(adapter)
         async for item in self.engine.stream(prompt, sampling, adapter=adapter):
             if isinstance(item, Completion):
                 self.metrics.finished(item)
@@ -84,7 +93,8 @@ class RayEngineClient:
     async def stream(
         self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
     ) -> AsyncIterator[RequestOutput | Completion]:
-        outputs = self.streaming.stream.remote(prompt, sampling, adapter)
+        handle = self.streaming if adapter is None else self.streaming.options(multiplexed_model_id=adapter)
+        outputs = handle.stream.remote(prompt, sampling, adapter)
         try:
             async for item in outputs:
                 yield item
