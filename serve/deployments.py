@@ -159,11 +159,5 @@ def build_app(args: dict[str, Any]) -> Any:
     target of ``deploy/*.yaml`` (``serve.deployments:build_app``)."""
     settings = ServeSettings.model_validate(args)
 
-    def options(d: Any) -> dict[str, Any]:
-        return {
-            "num_replicas": d.num_replicas, "ray_actor_options": d.ray_actor_options(),
-            "max_ongoing_requests": d.max_ongoing_requests, "max_queued_requests": d.max_queued_requests,
-        }  # fmt: skip
-
-    engine = EngineDeployment.options(**options(settings.engine)).bind(settings)
-    return GatewayDeployment.options(**options(settings.gateway)).bind(engine, settings)
+    engine = EngineDeployment.options(**settings.engine.serve_options()).bind(settings)
+    return GatewayDeployment.options(**settings.gateway.serve_options()).bind(engine, settings)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -17,13 +17,39 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AutoscalingSettings(Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=32, gt=0, description="per replica, what Serve scales on")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
 class DeploymentSettings(Strict):
-    num_replicas: int = Field(default=1, ge=1)
+    num_replicas: int = Field(default=1, ge=1, description="fixed replica count (ignored with autoscaling)")
+    autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(default=1.0, gt=0, description="Ray CPUs per replica; torch threads follow it")
     num_gpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. edge")
     max_ongoing_requests: int = Field(default=64, ge=1)
     max_queued_requests: int = Field(default=256, ge=-1, description="-1: unbounded (not recommended)")
+
+    def serve_options(self) -> dict[str, object]:
+        """Keyword arguments of ``Deployment.options`` for this deployment."""
+        options: dict[str, object] = {
+            "ray_actor_options": self.ray_actor_options(),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        return options
 
     def ray_actor_options(self) -> dict[str, object]:
         options: dict[str, object] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}

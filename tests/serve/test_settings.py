@@ -1,0 +1,57 @@
+"""Service settings: the shipped configs validate; mistakes are refused with their path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serve.commands.serve_cmd import app_args
+from serve.settings import ServeSettings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    settings = ServeSettings.model_validate(app_args(DEPLOY / name))
+    assert settings.engine.max_ongoing_requests >= 1
+
+
+def test_local_config_finds_the_four_demo_adapters() -> None:
+    settings = ServeSettings.model_validate(app_args(DEPLOY / "local.yaml")).resolved(DEPLOY.parent)
+    assert [name for name, _ in settings.adapter_folders()] == ["alice", "bob", "carol", "dave"]
+    assert settings.keys_file.is_file() and settings.target.is_absolute()
+
+
+def test_cluster_engine_autoscales_on_gpus() -> None:
+    options = ServeSettings.model_validate(app_args(DEPLOY / "cluster.yaml")).engine.serve_options()
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 8,
+        "target_ongoing_requests": 32,
+    }
+    assert options["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1.0}
+
+
+@pytest.mark.parametrize(
+    "args,where",
+    [
+        ({"engine": {"num_cpu": 1}}, "engine.num_cpu"),
+        ({"engine": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas (3) exceeds"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+        ({"polcy": "none"}, "polcy"),
+    ],
+)
+def test_mistakes_are_refused_with_their_path(args: dict[str, object], where: str) -> None:
+    with pytest.raises(ValidationError, match=where.replace("(", r"\(").replace(")", r"\)")):
+        ServeSettings.model_validate(args)
+
+
+def test_config_file_with_two_applications_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("applications: [{args: {}}, {args: {}}]")
+    with pytest.raises(ValueError, match="exactly one entry under applications"):
+        app_args(config)
