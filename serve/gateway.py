@@ -228,6 +228,9 @@ class Gateway:
                 if item.text:
                     yield sse(chunk_body(request_id, model, {"content": item.text}))
                 item = await anext(rest)
+        except RuntimeError as e:  # the engine died mid-stream: the status line is sent, so say it in-band
+            yield sse(APIError(503, f"the engine stopped: {e}").body())
+            yield sse("[DONE]")
         finally:  # also on disconnect: closing the engine stream aborts the request
             self.in_flight -= 1
             await _close(rest)

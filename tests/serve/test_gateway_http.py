@@ -17,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from core.plan import RequestOutput, RequestStats
 from models.tiny.personas import get_persona
 from models.tiny.samples import EVAL_SEED_START, make_sample
 from scheduler.async_engine import AsyncEngine
@@ -237,3 +238,43 @@ def test_every_chat_response_is_recorded_with_status_and_tenant(server: Server) 
     assert post(server, user_message(TEXT), key="sk-nope").status_code == 401
     assert post(server, user_message(TEXT)).status_code == 200
     assert server.responses == [(401, None), (200, "t-bob")]
+
+
+class DyingEngine:
+    """Emits one token, then its step loop dies; afterwards it reports itself dead."""
+
+    def __init__(self) -> None:
+        self.dead = False
+
+    async def stream(self, prompt: object, sampling: object, adapter: object) -> AsyncIterator[object]:
+        stats = RequestStats(
+            prompt_tokens=5, output_tokens=1, verify_steps=1, draft_tokens=0, accepted_tokens=0
+        )
+        yield RequestOutput(0, (7,), False, None, stats, text="hel")
+        self.dead = True
+        raise RuntimeError("engine loop failed: boom")
+
+    async def alive(self) -> bool:
+        return not self.dead
+
+
+def test_engine_death_mid_stream_is_an_error_event_then_health_503(server: Server) -> None:
+    engine = DyingEngine()
+    gateway = Gateway(engine, server.built.processor, server.gateway.keys, GatewayConfig())
+    with serving(make_app(gateway)) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        body = {**user_message(TEXT), "stream": True}
+        headers = {"authorization": f"Bearer {server.keys['bob']}"}
+        lines = httpx.post(
+            f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30
+        ).text.splitlines()
+        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert json.loads(events[1])["choices"][0]["delta"]["content"] == "hel"
+        assert (
+            json.loads(events[2])["error"]["code"] == 503
+            and "boom" in json.loads(events[2])["error"]["message"]
+        )
+        assert events[-1] == "[DONE]"
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["error"]["type"] == "service_unavailable"
+        assert gateway.in_flight == 0
