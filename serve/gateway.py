@@ -100,15 +100,13 @@ class Gateway:
         caller = None
         try:
             caller = self.keys.authenticate(request.headers.get("authorization"))
+            self._check_capacity()  # before reading images: shed load cheaply
             req = parse_request(await self._body(request))
             adapter = self._adapter(caller, req.model)
             work = await engine_request(
                 req, self.processor, self.config.image_limits, self.config.default_max_tokens
             )
-            if self.in_flight >= self.config.max_in_flight:
-                raise APIError(
-                    503, "the server is at capacity; retry shortly", retry_after_s=self.config.retry_after_s
-                )
+            self._check_capacity()  # others may have been admitted meanwhile
             outputs = self.engine.stream(work.prompt, work.sampling, adapter)
             first = await self._start(outputs)
         except APIError as e:
@@ -151,6 +149,12 @@ class Gateway:
         return error_response(APIError(503, "the engine loop is not running"))
 
     # -- pieces ---------------------------------------------------------------------------
+
+    def _check_capacity(self) -> None:
+        if self.in_flight >= self.config.max_in_flight:
+            raise APIError(
+                503, "the server is at capacity; retry shortly", retry_after_s=self.config.retry_after_s
+            )
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
