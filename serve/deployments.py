@@ -35,19 +35,29 @@ def use_cpus(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-class EngineServer:
-    """The body of the ``Engine`` deployment (plain class: testable without Ray)."""
+def engine_options(settings: ServeSettings) -> Any:
+    from serve.engine_builder import EngineOptions
 
-    def __init__(self, settings: ServeSettings) -> None:
+    return EngineOptions(
+        policy=settings.policy, dtype=settings.dtype, max_batch_tokens=settings.max_batch_tokens,
+        adapters=settings.adapter_folders(),
+    )  # fmt: skip
+
+
+class EngineServer:
+    """The body of the ``Engine`` deployment (plain class: testable without Ray). With a
+    ``drafter`` handle the drafter runs in the DrafterPool deployment, else in this replica."""
+
+    def __init__(self, settings: ServeSettings, drafter: DeploymentHandle | None = None) -> None:
         from scheduler.async_engine import AsyncEngine
-        from serve.engine_builder import EngineOptions, build_engine
+        from serve.engine_builder import build_engine
+        from serve.remote_drafter import RemoteDrafter
 
         use_cpus(settings.engine.num_cpus)
-        options = EngineOptions(
-            policy=settings.policy, dtype=settings.dtype, max_batch_tokens=settings.max_batch_tokens,
-            adapters=settings.adapter_folders(),
-        )  # fmt: skip
-        self.built = build_engine(settings.target, settings.drafter, options)
+        if drafter is None:
+            self.built = build_engine(settings.target, settings.drafter, engine_options(settings))
+        else:
+            self.built = build_engine(settings.target, None, engine_options(settings), RemoteDrafter(drafter))
         self.engine = AsyncEngine(self.built.engine)
         self.metrics = EngineMetrics()
         threading.Thread(target=self._sample_metrics, name="covspec-metrics", daemon=True).start()
@@ -105,6 +115,34 @@ class RayEngineClient:
         return bool(await self.handle.alive.remote())
 
 
+class DrafterPoolReplica:
+    """The body of the ``DrafterPool`` deployment: the shared drafter with every user's adapter."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from transformers import AutoTokenizer
+
+        from serve.engine_builder import build_drafter
+        from serve.remote_drafter import DrafterPoolServer
+
+        if settings.drafter is None or settings.drafter_pool is None:
+            raise ValueError("a DrafterPool deployment needs settings.drafter and settings.drafter_pool")
+        use_cpus(settings.drafter_pool.num_cpus)
+        tokenizer = AutoTokenizer.from_pretrained(settings.target, local_files_only=True)
+        self.server = DrafterPoolServer(build_drafter(settings.drafter, tokenizer, engine_options(settings)))
+
+    def propose(self, engine_id: str, releases: list[int], calls: list[Any]) -> Any:
+        return self.server.propose(engine_id, releases, calls)
+
+    def has_adapter(self, name: str) -> bool:
+        return self.server.has_adapter(name)
+
+    def check_integrity(self, engine_id: str, releases: list[int]) -> None:
+        self.server.check_integrity(engine_id, releases)
+
+    def forward_cost(self, tokens: tuple[int, ...]) -> Any:
+        return self.server.forward_cost(tokens)
+
+
 api = FastAPI(title="CoVSpec Serve")
 
 
@@ -151,6 +189,7 @@ class GatewayServer:
 
 
 EngineDeployment = serve.deployment(name="Engine")(EngineServer)
+DrafterPoolDeployment = serve.deployment(name="DrafterPool")(DrafterPoolReplica)
 GatewayDeployment = serve.deployment(name="Gateway")(serve.ingress(api)(GatewayServer))
 
 
@@ -159,5 +198,8 @@ def build_app(args: dict[str, Any]) -> Any:
     target of ``deploy/*.yaml`` (``serve.deployments:build_app``)."""
     settings = ServeSettings.model_validate(args)
 
-    engine = EngineDeployment.options(**settings.engine.serve_options()).bind(settings)
+    drafter = None
+    if settings.drafter_pool is not None and settings.drafter is not None:
+        drafter = DrafterPoolDeployment.options(**settings.drafter_pool.serve_options()).bind(settings)
+    engine = EngineDeployment.options(**settings.engine.serve_options()).bind(settings, drafter)
     return GatewayDeployment.options(**settings.gateway.serve_options()).bind(engine, settings)

@@ -6,11 +6,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from core.forward_batch import SequenceInput, pack
+from core.protocols import Drafter
 from drafter_pool.adapters import AdapterRegistry
 from drafter_pool.pool import DrafterPool
 from drafter_pool.tree_search import TreeShape
@@ -81,17 +82,38 @@ def measure_cost(model: LoadedModel, pool: BlockPool, tokens: tuple[int, ...], r
     return CostCurve(tokens, tuple(ms))
 
 
+class DrafterService(Drafter, Protocol):
+    """A drafter the engine can also ask for its KV use and its forward-cost curve (the drafter
+    pool in this process, or the DrafterPool deployment through ``serve.remote_drafter``)."""
+
+    def kv_used(self) -> float: ...
+
+    def forward_cost(self, tokens: tuple[int, ...]) -> CostCurve: ...
+
+
+class LocalDrafter(DrafterPool):
+    """The drafter pool in this process, measuring its own forward cost."""
+
+    def forward_cost(self, tokens: tuple[int, ...]) -> CostCurve:
+        return measure_cost(self.model, self.pool, tokens)
+
+
 def build_engine(
-    model_dir: str | Path, drafter_dir: str | Path | None = None, options: EngineOptions | None = None
+    model_dir: str | Path,
+    drafter_dir: str | Path | None = None,
+    options: EngineOptions | None = None,
+    remote_drafter: DrafterService | None = None,
 ) -> BuiltEngine:
     """Target (and drafter) loaded, KV pools sized, policy calibrated, all wired into an Engine.
-    Without a drafter the engine decodes plainly whatever the policy says."""
+    The drafter is the one in ``drafter_dir`` (run here) or ``remote_drafter`` (run elsewhere);
+    without either the engine decodes plainly whatever the policy says."""
     opts = options or EngineOptions()
     target = load_model(model_dir, opts.dtype)
     processor = target.processor()
     tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
     pool = BlockPool(target.decoder.kv_layout(opts.num_blocks, opts.block_size))
-    drafter = None if drafter_dir is None else _drafter(Path(drafter_dir), tokenizer, opts)
+    local = None if drafter_dir is None else build_drafter(Path(drafter_dir), tokenizer, opts)
+    drafter: DrafterService | None = remote_drafter or local
     text = getattr(target.hf_config, "text_config", target.hf_config)
     scheduler = Scheduler(
         pool,
@@ -111,14 +133,16 @@ def build_engine(
         seed=opts.seed,
         compression=opts.compression,
     )
-    if drafter is None:
-        if opts.adapters:
+    if local is None:
+        if opts.adapters and remote_drafter is None:
             raise ValueError("drafter adapters need a drafter; pass a drafter folder or drop the adapters")
         return BuiltEngine(engine, processor, target, None, None)
-    return BuiltEngine(engine, processor, target, drafter.model, drafter.adapters)
+    return BuiltEngine(engine, processor, target, local.model, local.adapters)
 
 
-def _drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> DrafterPool:
+def build_drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> LocalDrafter:
+    """The drafter in ``folder`` with ``opts.adapters`` registered; its tokenizer must be the
+    target's (``tokenizer``)."""
     model = load_model(folder, opts.dtype)
     check_same_tokenizer(tokenizer, model.processor().tokenizer, folder)
     adapters = AdapterRegistry(
@@ -126,22 +150,22 @@ def _drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> DrafterPool:
     )
     for name, adapter_dir in opts.adapters:
         adapters.add(name, adapter_dir)
-    return DrafterPool(
+    return LocalDrafter(
         model, num_blocks=opts.drafter_blocks, block_size=opts.block_size,
         shape=opts.tree, compression=opts.compression_method, seed=opts.seed, adapters=adapters,
     )  # fmt: skip
 
 
 def _calibrated(
-    opts: EngineOptions, target: LoadedModel, pool: BlockPool, drafter: DrafterPool
+    opts: EngineOptions, target: LoadedModel, pool: BlockPool, drafter: DrafterService
 ) -> DraftPolicy:
-    """``load_aware`` with forward-cost curves measured on this machine, now."""
+    """``load_aware`` with forward-cost curves measured where each model runs, now."""
     verifier_ms = measure_cost(target, pool, CALIBRATION_TOKENS)
-    drafter_ms = measure_cost(drafter.model, drafter.pool, CALIBRATION_TOKENS[:4])
+    drafter_ms = drafter.forward_cost(CALIBRATION_TOKENS[:4])
     return make_policy("load_aware", cost=CostModel(verifier_ms, drafter_ms))
 
 
-PolicyFactory = Callable[[EngineOptions, LoadedModel, BlockPool, DrafterPool], DraftPolicy]
+PolicyFactory = Callable[[EngineOptions, LoadedModel, BlockPool, DrafterService], DraftPolicy]
 POLICY_FACTORIES: dict[str, PolicyFactory] = {
     "none": lambda opts, target, pool, drafter: make_policy("none"),
     "fixed": lambda opts, *_: make_policy("fixed", nodes=opts.fixed_nodes, depth=opts.fixed_depth),
@@ -150,7 +174,7 @@ POLICY_FACTORIES: dict[str, PolicyFactory] = {
 
 
 def _policy(
-    opts: EngineOptions, target: LoadedModel, pool: BlockPool, drafter: DrafterPool | None
+    opts: EngineOptions, target: LoadedModel, pool: BlockPool, drafter: DrafterService | None
 ) -> DraftPolicy:
     if opts.policy not in POLICY_FACTORIES:
         raise ValueError(f"unknown draft policy {opts.policy!r}; choose one of {sorted(POLICY_FACTORIES)}")

@@ -76,6 +76,8 @@ class ServeSettings(Strict):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(default=64, ge=1, description="per gateway replica; beyond it 503")
     engine: DeploymentSettings = DeploymentSettings(num_cpus=1.0)
+    # the drafter as its own deployment (called once per engine step); None: inside each engine
+    drafter_pool: DeploymentSettings | None = None
     gateway: DeploymentSettings = DeploymentSettings(num_cpus=0.2, max_ongoing_requests=256)
 
     def resolved(self, base: Path) -> ServeSettings:

@@ -35,7 +35,8 @@ def oracle(folders: dict[str, Path]) -> Oracle:
 
 @dataclass(frozen=True)
 class RayApp:
-    url: str  # http://127.0.0.1:<port>
+    url: str  # http://127.0.0.1:<port>: Gateway + Engine (drafter inside the engine)
+    pool_url: str  # <url>/pool: Gateway + Engine + DrafterPool (the drafter as its own deployment)
     keys: dict[str, str]  # user -> API key
 
 
@@ -55,7 +56,7 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     settings = ServeSettings(
         keys_file=keys_file,
         policy="fixed",
-        engine=DeploymentSettings(num_cpus=1.0),
+        engine=DeploymentSettings(num_cpus=0.5),
         gateway=DeploymentSettings(num_cpus=0.2),
     )
     port = free_port()
@@ -63,7 +64,9 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings.model_dump(mode="json")), name="covspec", route_prefix="/")
-        yield RayApp(f"http://127.0.0.1:{port}", keys)
+        pooled = settings.model_copy(update={"drafter_pool": DeploymentSettings(num_cpus=0.5)})
+        serve.run(build_app(pooled.model_dump(mode="json")), name="covspec-pool", route_prefix="/pool")
+        yield RayApp(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/pool", keys)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -21,16 +21,20 @@ def shipped_oracle() -> Oracle:
     return Oracle(CHECKPOINTS / "tiny-target")
 
 
-def openai_client(app: RayApp, user: str) -> object:
+def openai_client(base: str, key: str) -> object:
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{app.url}/v1", api_key=app.keys[user], max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def test_ray_app_answers_like_the_target_streaming_and_not(ray_app: RayApp, shipped_oracle: Oracle) -> None:
+@pytest.mark.parametrize("layout", ["drafter in the engine", "DrafterPool deployment"])
+def test_ray_app_answers_like_the_target_streaming_and_not(
+    ray_app: RayApp, shipped_oracle: Oracle, layout: str
+) -> None:
     sample = make_sample(EVAL_SEED_START + 51, "bob", kind="describe")
     messages = chat_messages(sample, data_url(sample.image()))
-    client = openai_client(ray_app, "bob")
+    base = ray_app.url if layout == "drafter in the engine" else ray_app.pool_url
+    client = openai_client(base, ray_app.keys["bob"])
     whole = client.chat.completions.create(
         model="tiny-target", messages=messages, temperature=0, max_tokens=48
     )  # type: ignore[attr-defined]
@@ -43,6 +47,7 @@ def test_ray_app_answers_like_the_target_streaming_and_not(ray_app: RayApp, ship
     expected = expected_text(shipped_oracle, sample, 48)
     assert whole.choices[0].message.content == streamed == expected
     assert whole.model_extra["covspec"]["adapter"] == "bob"
+    assert whole.model_extra["covspec"]["accepted_tokens"] > 0  # the (remote) drafter really drafted
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 

@@ -34,6 +34,8 @@ def test_cluster_engine_autoscales_on_gpus() -> None:
         "target_ongoing_requests": 32,
     }
     assert options["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1.0}
+    pool = ServeSettings.model_validate(app_args(DEPLOY / "cluster.yaml")).drafter_pool
+    assert pool is not None and pool.ray_actor_options()["resources"] == {"edge": 1.0}
 
 
 @pytest.mark.parametrize(
