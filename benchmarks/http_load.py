@@ -1,11 +1,12 @@
 """The served system under load, through HTTP with Locust: concurrency 1..32, speculation on/off.
 
-For each setting the service is started with ``covspec serve`` (Ray Serve, shipped tiny models,
-the demo keys: the four users' adapters in the mix), then for each concurrency C a headless Locust
-run with C users (no think time beyond Locust's 0.1-0.5 s) streams ShapesWorld answers for
-``--seconds``. Requests/s, TTFT / TPOT / end-to-end P50 and P99, tokens/s and τ come from Locust's
-CSV. Locust shares this machine's cores with the server: on 2 cores the client's own work is part
-of what is measured, so read the two settings against each other.
+For each setting (speculation with the drafter in the engine, with the drafter as its own
+DrafterPool deployment, and no speculation) the service is started with ``covspec serve`` (Ray
+Serve, shipped tiny models, the demo keys: the four users' adapters in the mix), then for each
+concurrency C a headless Locust run with C users (no think time beyond Locust's 0.1-0.5 s)
+streams ShapesWorld answers for ``--seconds``. Requests/s, TTFT / TPOT / end-to-end P50 and P99,
+tokens/s and τ come from Locust's CSV. Locust shares this machine's cores with the server: on 2
+cores the client's own work is part of what is measured, so read the settings against each other.
 
     .venv/bin/python -m benchmarks.http_load [--seconds 30] [--levels 1 2 4 8 16 32]
 """
@@ -31,7 +32,11 @@ from serve.local_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = "sk-demo-alice,sk-demo-bob,sk-demo-carol,sk-demo-dave"
-SETTINGS = {"spec": {}, "no_spec": {"drafter": None, "policy": "none"}}
+SETTINGS = {
+    "spec": {},  # the drafter inside the engine replica
+    "spec_drafter_pool": {"drafter_pool": {"num_cpus": 0.5}},  # the drafter as its own deployment
+    "no_spec": {"drafter": None, "policy": "none"},
+}
 
 
 def start_service(overrides: dict[str, Any], port: int) -> subprocess.Popen[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,8 +57,13 @@ class EngineServer:
         use_cpus(settings.engine.num_cpus)
         if drafter is None:
             self.built = build_engine(settings.target, settings.drafter, engine_options(settings))
-        else:
-            self.built = build_engine(settings.target, None, engine_options(settings), RemoteDrafter(drafter))
+        else:  # building calls the pool (cost calibration); a blocking handle call may not run on
+            # the replica's event loop, where Serve runs this constructor
+            with ThreadPoolExecutor(1) as thread:
+                build = thread.submit(
+                    build_engine, settings.target, None, engine_options(settings), RemoteDrafter(drafter)
+                )
+                self.built = build.result()
         self.engine = AsyncEngine(self.built.engine)
         self.metrics = EngineMetrics()
         threading.Thread(target=self._sample_metrics, name="covspec-metrics", daemon=True).start()

@@ -64,7 +64,9 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings.model_dump(mode="json")), name="covspec", route_prefix="/")
-        pooled = settings.model_copy(update={"drafter_pool": DeploymentSettings(num_cpus=0.5)})
+        pooled = settings.model_copy(  # load_aware: its calibration calls the pool while the engine starts
+            update={"drafter_pool": DeploymentSettings(num_cpus=0.5), "policy": "load_aware"}
+        )
         serve.run(build_app(pooled.model_dump(mode="json")), name="covspec-pool", route_prefix="/pool")
         yield RayApp(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/pool", keys)
     finally:
