@@ -24,7 +24,7 @@ from core.plan import RequestOutput
 from core.prompt import Prompt
 from core.sampling import SamplingParams
 from scheduler.engine import Completion
-from serve.metrics import EngineMetrics, GatewayMetrics
+from serve.metrics import AdapterMetrics, EngineMetrics, GatewayMetrics
 from serve.settings import ServeSettings
 
 
@@ -135,6 +135,13 @@ class DrafterPoolReplica:
         use_cpus(settings.drafter_pool.num_cpus)
         tokenizer = AutoTokenizer.from_pretrained(settings.target, local_files_only=True)
         self.server = DrafterPoolServer(build_drafter(settings.drafter, tokenizer, engine_options(settings)))
+        self.metrics = AdapterMetrics()
+        threading.Thread(target=self._sample_metrics, name="covspec-metrics", daemon=True).start()
+
+    def _sample_metrics(self, period_s: float = 1.0) -> None:
+        while True:
+            self.metrics.sample(self.server.pool.adapters)
+            time.sleep(period_s)
 
     def propose(self, engine_id: str, releases: list[int], calls: list[Any]) -> Any:
         return self.server.propose(engine_id, releases, calls)

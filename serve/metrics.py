@@ -37,13 +37,11 @@ class GatewayMetrics:
 
 @dataclass
 class _Seen:
-    """The last engine totals and adapter stats read, to turn running sums into increments."""
+    """The last engine totals read, to turn running sums into per-step means."""
 
     steps: int = 0
     requests: int = 0
     verify_tokens: int = 0
-    adapter_loads: int = 0
-    adapter_evictions: int = 0
 
 
 class EngineMetrics:
@@ -80,8 +78,7 @@ class EngineMetrics:
         self.drafter_kv_used = m.Gauge(
             "covspec_drafter_kv_blocks_used_fraction", description="drafter KV blocks in use"
         )
-        self.adapter_loads = m.Counter("covspec_adapter_loads", description="adapters written into a slot")
-        self.adapter_evictions = m.Counter("covspec_adapter_evictions", description="adapters evicted (LRU)")
+        self.adapters = AdapterMetrics()
         self._seen = _Seen()
 
     def finished(self, completion: Any) -> None:
@@ -113,12 +110,23 @@ class EngineMetrics:
             self.step_tokens.set((totals.verify_tokens - seen.verify_tokens) / steps)
         seen.steps, seen.requests, seen.verify_tokens = totals.steps, totals.requests, totals.verify_tokens
         if adapters is not None:
-            loads, evictions = (
-                adapters.stats.loads - seen.adapter_loads,
-                adapters.stats.evictions - seen.adapter_evictions,
-            )
-            if loads:
-                self.adapter_loads.inc(loads)
-            if evictions:
-                self.adapter_evictions.inc(evictions)
-            seen.adapter_loads, seen.adapter_evictions = adapters.stats.loads, adapters.stats.evictions
+            self.adapters.sample(adapters)
+
+
+class AdapterMetrics:
+    """Adapter loads and evictions, from the registry's running counts (wherever it lives: the
+    engine replica, or the DrafterPool deployment)."""
+
+    def __init__(self) -> None:
+        m = _metrics()
+        self.loads = m.Counter("covspec_adapter_loads", description="adapters written into a slot")
+        self.evictions = m.Counter("covspec_adapter_evictions", description="adapters evicted (LRU)")
+        self._seen = (0, 0)
+
+    def sample(self, registry: Any) -> None:
+        loads, evictions = registry.stats.loads, registry.stats.evictions
+        if loads > self._seen[0]:
+            self.loads.inc(loads - self._seen[0])
+        if evictions > self._seen[1]:
+            self.evictions.inc(evictions - self._seen[1])
+        self._seen = (loads, evictions)
