@@ -59,13 +59,7 @@ def ours(
         tokens, steps = [], 0
         for s in samples:
             prompt = chat_prompt(built.processor, s.question.text, [s.image()], s.system)
-            request_id = built.engine.add_request(prompt, params, adapter=adapter)
-            out = None
-            while out is None:
-                out = next(
-                    (o for o in built.engine.step() if o.finished and o.request_id == request_id), None
-                )
-            out = built.engine.completion(out)
+            [out] = built.engine.generate([prompt], params, adapter=adapter)
             tokens.append(list(out.token_ids))
             steps += out.stats.verify_steps
         return Outcome(tokens, sum(len(t) for t in tokens) / steps)

@@ -80,7 +80,7 @@ class AdapterRegistry:
             self._forget(name)
 
     def can_acquire(self, name: str) -> bool:
-        return self.has(name) and (name in self.resident or self._free_slot() is not None)
+        return self.has(name) and (name in self.resident or self._claimable() is not None)
 
     def acquire(self, name: str) -> int:
         """Pin ``name`` for one request and return its slot, loading it (and evicting the least
@@ -128,18 +128,20 @@ class AdapterRegistry:
 
     # -- slots ----------------------------------------------------------------------------
 
-    def _free_slot(self) -> int | None:
+    def _claimable(self) -> tuple[int, str | None] | None:
+        """An empty slot, else the slot of the least recently used unpinned adapter and its
+        name (to evict); None when every slot is pinned."""
         taken = set(self.resident.values())
-        free = [s for s in range(self.stack.slots) if s not in taken]
-        if free:
-            return free[0]
+        free = next((s for s in range(self.stack.slots) if s not in taken), None)
+        if free is not None:
+            return free, None
         victim = next((n for n in self.resident if not self.pins[n]), None)
-        return None if victim is None else self.resident[victim]
+        return None if victim is None else (self.resident[victim], victim)
 
     def _evict_for_slot(self) -> int:
-        slot = self._free_slot()
-        assert slot is not None, "can_acquire was checked"
-        victim = next((n for n, s in self.resident.items() if s == slot), None)
+        claim = self._claimable()
+        assert claim is not None, "can_acquire was checked"
+        slot, victim = claim
         if victim is not None:
             del self.resident[victim]
             self.stack.clear(slot)

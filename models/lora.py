@@ -65,10 +65,6 @@ class LoraAdapter:
     def rank(self) -> int:
         return max(w.rank for w in self.weights.values())
 
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return tuple(m for m in LORA_MODULES if any(key[1] == m for key in self.weights))
-
 
 def module_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
     """Transformers module name -> (in, out) features in a decoder with config ``cfg``."""

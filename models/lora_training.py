@@ -8,7 +8,6 @@ drafter and the samples only.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 import warnings
@@ -21,8 +20,7 @@ import torch
 from tqdm import tqdm
 
 from models.lora import LORA_MODULES
-
-IGNORE = -100
+from models.training import IGNORE, lr_at, pad_rows
 
 
 @dataclass(frozen=True)
@@ -57,24 +55,10 @@ class LoraTrainResult:
     trainable_params: int
 
 
-def _lr(step: int, total: int, peak: float) -> float:
-    warm = max(1, total // 20)
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
 def _batch(samples: Sequence[LoraSample], image_processor: Any, pad_id: int) -> dict[str, torch.Tensor]:
-    rows = [(list(s.prompt_ids) + list(s.answer_ids), len(s.prompt_ids)) for s in samples]
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, (ids, prompt_len) in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
-        mask[row, : len(ids)] = 1
+    """Prompt + answer rows, the loss on the answer only, with the prompts' pixels."""
+    rows = [(s.prompt_ids + s.answer_ids, (IGNORE,) * len(s.prompt_ids) + s.answer_ids) for s in samples]
+    input_ids, mask, labels = pad_rows(rows, pad_id)
     pixels = image_processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
 
@@ -101,12 +85,12 @@ def train_lora(
     model = get_peft_model(base, lora).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    rng, losses, started = random.Random(config.seed), [], time.time()
+    pool, rng, losses, started = list(samples), random.Random(config.seed), [], time.time()
     bar = tqdm(range(config.steps), desc="adapter", unit="step")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr(step, config.steps, config.lr)
-        picks = rng.sample(list(samples), config.batch)
+            group["lr"] = lr_at(step, config.steps, config.lr)
+        picks = rng.sample(pool, config.batch)
         batch = _batch(picks, processor.image_processor, processor.tokenizer.pad_token_id)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)

@@ -136,11 +136,15 @@ class Engine:
         self.totals.draft_nodes += drafts
 
     def generate(
-        self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams | Sequence[SamplingParams],
+        adapter: str | None = None,
     ) -> list[Completion]:
-        """Run ``prompts`` to completion together (continuous batching); results in order."""
+        """Run ``prompts`` to completion together (continuous batching), each drafted with the
+        drafter LoRA ``adapter``; results in order."""
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-        ids = [self.add_request(p, s) for p, s in zip(prompts, params, strict=True)]
+        ids = [self.add_request(p, s, adapter=adapter) for p, s in zip(prompts, params, strict=True)]
         done: dict[int, Completion] = {}
         while len(done) < len(ids):
             for out in self.step():

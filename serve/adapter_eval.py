@@ -34,20 +34,8 @@ def measure_tau(
 ) -> TauRun:
     """Greedy answers to ``samples`` (``question.text``, ``system``, ``image()``) drafted with
     ``adapter`` (None: the base drafter), all in flight together."""
-    engine = built.engine
-    params = SamplingParams(max_tokens=max_tokens)
-    ids = [
-        engine.add_request(
-            chat_prompt(built.processor, s.question.text, [s.image()], s.system), params, adapter=adapter
-        )
-        for s in samples
-    ]
-    done = {}
-    while len(done) < len(ids):
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = engine.completion(out)
-    results = [done[i] for i in ids]
+    prompts = [chat_prompt(built.processor, s.question.text, [s.image()], s.system) for s in samples]
+    results = built.engine.generate(prompts, SamplingParams(max_tokens=max_tokens), adapter=adapter)
     tokens = sum(len(r.token_ids) for r in results)
     steps = sum(r.stats.verify_steps for r in results)
     return TauRun(tokens / steps, tuple(r.token_ids for r in results))

@@ -131,16 +131,9 @@ class Gateway:
         except APIError as e:
             return error_response(e)
         base = {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "covspec"}
-        data = [base]
-        if caller.adapter is not None and caller.adapter in self.config.adapters:
-            data.append(
-                {
-                    **base,
-                    "id": caller.adapter,
-                    "parent": self.config.model_name,
-                    "root": self.config.model_name,
-                }
-            )
+        data, own = [base], self._own_adapter(caller)
+        if own is not None:
+            data.append({**base, "id": own, "parent": self.config.model_name, "root": self.config.model_name})
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self) -> Response:
@@ -157,20 +150,27 @@ class Gateway:
             )
 
     async def _body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it is known to exceed the limit."""
+        limit = self.config.max_body_bytes
+        too_large = APIError(413, f"request body is larger than {limit} bytes")
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            raise APIError(413, f"request body is larger than {self.config.max_body_bytes} bytes")
-        body = b""
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
         async for part in request.stream():
             body += part
-            if len(body) > self.config.max_body_bytes:
-                raise APIError(413, f"request body is larger than {self.config.max_body_bytes} bytes")
-        return body
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    def _own_adapter(self, caller: Caller) -> str | None:
+        """The caller's drafter adapter, if the engine has it loaded."""
+        return caller.adapter if caller.adapter in self.config.adapters else None
 
     def _adapter(self, caller: Caller, model: str | None) -> str | None:
         """The drafter adapter for this request: the caller's own. ``model`` may name the base
         model or the caller's adapter; another user's adapter is refused (404: no existence oracle)."""
-        own = caller.adapter if caller.adapter in self.config.adapters else None
+        own = self._own_adapter(caller)
         if model is None or model == self.config.model_name or (own is not None and model == own):
             return own
         raise APIError(404, f"model {model!r} does not exist or is not yours", "model")
@@ -272,7 +272,8 @@ ROUTES: tuple[tuple[str, list[str], Callable[[Gateway], Callable[..., Any]]], ..
 
 
 def make_app(gateway: Gateway) -> FastAPI:
-    """A FastAPI app serving ``gateway`` in this process (tests, and ``covspec serve --no-ray``)."""
+    """A FastAPI app serving ``gateway`` in this process, for any ASGI server (the tests use uvicorn);
+    under Ray Serve, ``serve.deployments.GatewayServer`` serves the same routes."""
     app = FastAPI(title="CoVSpec Serve")
     for path, methods, route in ROUTES:
         app.add_api_route(path, route(gateway), methods=methods)

@@ -62,8 +62,7 @@ class RemoteDrafter:
             )
             for r in requests
         ]
-        releases, self._releases = self._releases, []
-        reply: DraftReply = self.handle.propose.remote(self.engine_id, releases, calls).result()
+        reply: DraftReply = self.handle.propose.remote(self.engine_id, self._take_releases(), calls).result()
         self._sent.update(r.request_id for r in requests)
         self._kv_used = reply.kv_used
         return list(reply.proposals)
@@ -77,11 +76,15 @@ class RemoteDrafter:
         return bool(self.handle.has_adapter.remote(name).result())
 
     def check_integrity(self) -> None:
-        releases, self._releases = self._releases, []
-        self.handle.check_integrity.remote(self.engine_id, releases).result()
+        self.handle.check_integrity.remote(self.engine_id, self._take_releases()).result()
 
     def kv_used(self) -> float:
         return self._kv_used
+
+    def _take_releases(self) -> list[int]:
+        """The releases not yet told to the pool; they go with the next call."""
+        releases, self._releases = self._releases, []
+        return releases
 
     def forward_cost(self, tokens: tuple[int, ...]) -> CostCurve:
         curve: CostCurve = self.handle.forward_cost.remote(tokens).result()

@@ -15,8 +15,7 @@ import torch
 
 from models.synthetic import IMAGE_TOKEN
 from models.tiny.samples import Sample
-
-IGNORE = -100
+from models.training import IGNORE, pad_rows
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,5 @@ class ChatEncoder:
 
     def pad(self, rows: list[tuple[list[int], list[int]]], images: list[Any]) -> Batch:
         """Right-pad ``(ids, labels)`` rows into a batch with the images' pixels."""
-        length = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for row, (ids, lab) in enumerate(rows):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(ids)] = 1
+        input_ids, mask, labels = pad_rows(rows, self.tokenizer.pad_token_id)
         return Batch(input_ids, mask, labels, self.pixels(images))

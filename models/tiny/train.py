@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -21,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.tiny.data import IGNORE, Batch, ChatEncoder
+from models.tiny.data import Batch, ChatEncoder
 from models.tiny.personas import DEMO_USERS
 from models.tiny.recipe import ModelSize, Schedule
 from models.tiny.samples import EVAL_SEED_START, Sample, make_sample
 from models.tiny.world import COLORS, SHAPES, SIZES, render, sample_scene
+from models.training import IGNORE, lr_at
 
 
 @dataclass
@@ -39,15 +39,6 @@ class TrainLog:
         self.stages.setdefault(stage, []).append(
             {"step": step, "loss": round(loss, 5), "elapsed_s": round(time.time() - started, 2)}
         )
-
-
-def lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warm-up over 5 % of the steps, then cosine decay to 10 % of the peak."""
-    warm = max(1, total // 20)
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def run_steps(

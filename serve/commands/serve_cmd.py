@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from serve.auth import KeyStore
     from serve.deployments import build_app
     from serve.local_redis import start_redis
     from serve.settings import ServeSettings
@@ -52,8 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.keys is not None:
         settings_args["keys_file"] = str(args.keys)
     settings = ServeSettings.model_validate(settings_args).resolved(Path.cwd())  # fail before starting
-    if not settings.keys_file.is_file():
-        raise ValueError(f"keys file {settings.keys_file} does not exist; create it with `covspec keys add`")
+    KeyStore.load(settings.keys_file)  # likewise for a missing or malformed keys file
     redis = None if os.environ.get("REDIS_URL") else start_redis()
     started_ray = not os.environ.get("RAY_ADDRESS")
     try:
