@@ -176,18 +176,25 @@ class Gateway:
         raise APIError(404, f"model {model!r} does not exist or is not yours", "model")
 
     async def _start(self, outputs: AsyncIterator[RequestOutput | Completion]) -> RequestOutput | Completion:
-        """The request's first output: a refused request fails here, before any byte is sent."""
+        """The request's first output: a refused request fails here, before any byte is sent.
+        Whatever ends the wait instead (a refusal, a dead engine, the caller's cancellation) gives
+        the request's place back and closes its stream, which aborts it in the engine."""
         self.in_flight += 1
+        started = False
         try:
-            return await anext(outputs)
+            first = await anext(outputs)
+            started = True
+            return first
         except ValueError as e:
-            self.in_flight -= 1
             raise bad_request(str(e)) from e
         except RuntimeError as e:  # the engine loop is gone: not the caller's fault, retry elsewhere
-            self.in_flight -= 1
             raise APIError(
                 503, f"the engine is not running: {e}", retry_after_s=self.config.retry_after_s
             ) from e
+        finally:
+            if not started:
+                self.in_flight -= 1
+                await _close(outputs)
 
     async def _finish(
         self, first: RequestOutput | Completion, rest: AsyncIterator[RequestOutput | Completion]

@@ -278,3 +278,26 @@ def test_engine_death_mid_stream_is_an_error_event_then_health_503(server: Serve
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and health.json()["error"]["type"] == "service_unavailable"
         assert gateway.in_flight == 0
+
+
+def test_a_request_cancelled_before_its_first_token_gives_its_place_back(server: Server) -> None:
+    closed: list[bool] = []
+
+    async def never_starts() -> AsyncIterator[object]:
+        try:
+            await asyncio.sleep(3600)
+            yield None
+        finally:
+            closed.append(True)
+
+    async def cancel_while_waiting() -> None:
+        task = asyncio.create_task(gateway._start(never_starts()))
+        await asyncio.sleep(0.05)
+        assert gateway.in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    gateway = Gateway(HeldEngine(), server.built.processor, server.gateway.keys, GatewayConfig())
+    asyncio.run(cancel_while_waiting())
+    assert gateway.in_flight == 0 and closed == [True]  # place given back, engine stream closed
