@@ -32,6 +32,7 @@ class RequestStats:
     verify_steps: int  # target forwards that emitted tokens for this request
     draft_tokens: int  # tree nodes verified
     accepted_tokens: int  # tree nodes accepted
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (local or Redis)
 
     @property
     def tau(self) -> float:

@@ -27,6 +27,11 @@ class Prompt:
     images: tuple[Any, ...] = ()  # PIL RGB images, one per placeholder
     image_token_id: int = -1  # the placeholder id (unused when there are no images)
     digests: tuple[str, ...] = field(default=(), compare=False)  # image_digest per image
+    # prefix-cache scope, set by the server (never from client input): the tenant whose private
+    # KV namespace the prompt's blocks live in, and how many leading tokens are public (shared
+    # across tenants, e.g. a published persona system prompt)
+    tenant: str = ""
+    public_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -37,6 +42,8 @@ class Prompt:
                 f"prompt has {placeholders} image placeholders but {len(self.images)} images; "
                 "put exactly one image token per image (the model expands it)"
             )
+        if not 0 <= self.public_tokens <= len(self.token_ids):
+            raise ValueError(f"public_tokens {self.public_tokens} is outside [0, {len(self.token_ids)}]")
         if not self.digests and self.images:
             object.__setattr__(self, "digests", tuple(image_digest(i) for i in self.images))
 
@@ -49,6 +56,14 @@ class EncodedPrompt:
     positions: torch.Tensor  # [n] int64 (gaps where compression dropped visual tokens)
     embeds: torch.Tensor | None  # [m, hidden] visual embeddings
     embed_index: torch.Tensor | None  # [m] int64 rows of token_ids they replace, increasing
+    image_rows: tuple[tuple[int, int], ...] = ()  # (first row, rows) per image, in prompt order
+
+    def public_rows(self, prompt: Prompt) -> int:
+        """Rows covering ``prompt.public_tokens`` (an image placeholder counts all its rows)."""
+        placeholders = [i for i, t in enumerate(prompt.token_ids) if t == prompt.image_token_id]
+        rows = [n for _, n in self.image_rows]
+        extra = sum(n - 1 for pos, n in zip(placeholders, rows, strict=True) if pos < prompt.public_tokens)
+        return prompt.public_tokens + extra
 
     @property
     def num_tokens(self) -> int:

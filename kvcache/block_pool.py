@@ -1,15 +1,21 @@
-"""Who owns which KV block: a free list and reference counts over one ``PagedKVCache``.
+"""Who owns which KV block: a free list and reference counts over one ``PagedKVCache``, and
+the local prefix cache: which blocks hold the KV of which content hash.
 
-A block with ref count 0 is free; each owner (a sequence, a prefix cache entry) holds one
-reference. A block with more than one reference is read-only: an owner that wants to write into
-it calls ``make_writable`` first and gets a private copy (copy-on-write).
+A block with ref count 0 is free; each owner (a sequence) holds one reference. A block with more
+than one reference is read-only: an owner that wants to write into it calls ``make_writable``
+first and gets a private copy (copy-on-write).
+
+A full block whose KV is final can be ``register``-ed under its content hash
+(``kvcache.block_hash``). When its last owner frees it, it stays indexed as an *idle cached*
+block: available to allocate (it counts as free), but found by ``lookup`` until allocation
+reclaims it, least recently used first, after the never-cached free blocks run out.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
 
 from core.kv import KVLayout, PagedKVCache
 
@@ -31,7 +37,11 @@ class BlockPool:
     def __init__(self, layout: KVLayout) -> None:
         self._kv = PagedKVCache(layout)
         self._ref = [0] * layout.num_blocks  # [num_blocks] owners per block
-        self._free = list(range(layout.num_blocks))  # min-heap of free block ids
+        self._free = list(range(layout.num_blocks))  # min-heap of free, uncached block ids
+        self._idle: OrderedDict[int, None] = OrderedDict()  # free but cached blocks, LRU first
+        self._hash_of: dict[int, bytes] = {}  # block -> content hash of its KV
+        self._block_of: dict[bytes, int] = {}  # content hash -> block (the inverse)
+        self.reclaimed = 0  # cached blocks taken back for new KV (prefix cache evictions)
 
     @property
     def kv(self) -> PagedKVCache:
@@ -47,7 +57,13 @@ class BlockPool:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks ``allocate`` can hand out: free ones plus idle cached ones."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks indexed by content hash (in use or idle)."""
+        return len(self._hash_of)
 
     def ref_count(self, block: int) -> int:
         """Number of owners of ``block`` (0 when free)."""
@@ -56,10 +72,11 @@ class BlockPool:
 
     def can_allocate(self, n: int) -> bool:
         """Whether ``allocate(n)`` would succeed."""
-        return 0 <= n <= len(self._free)
+        return 0 <= n <= self.num_free_blocks
 
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` free blocks, each with ref count 1, lowest ids first.
+        """Take ``n`` free blocks, each with ref count 1: uncached ones lowest id first, then
+        idle cached ones least recently used first (they leave the prefix index).
 
         Raises ``OutOfBlocksError`` (allocating nothing) when fewer than ``n`` are free.
         """
@@ -67,10 +84,16 @@ class BlockPool:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         if not self.can_allocate(n):
             raise OutOfBlocksError(
-                f"asked for {n} KV blocks but only {len(self._free)} of {self.num_blocks} are free; "
+                f"asked for {n} KV blocks but only {self.num_free_blocks} of {self.num_blocks} are free; "
                 "finish or preempt a sequence, or give the pool more blocks"
             )
-        blocks = [heapq.heappop(self._free) for _ in range(n)]
+        fresh = min(n, len(self._free))
+        blocks = [heapq.heappop(self._free) for _ in range(fresh)]
+        for _ in range(n - fresh):
+            block, _ = self._idle.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+            self.reclaimed += 1
+            blocks.append(block)
         for block in blocks:
             self._ref[block] = 1
         return blocks
@@ -101,7 +124,48 @@ class BlockPool:
         for block, times in counts.items():
             self._ref[block] -= times
             if self._ref[block] == 0:
-                heapq.heappush(self._free, block)
+                if block in self._hash_of:
+                    self._idle[block] = None
+                else:
+                    heapq.heappush(self._free, block)
+
+    # -- prefix cache ---------------------------------------------------------------------
+
+    def register(self, block: int, content: bytes) -> bool:
+        """Index ``block`` (in use, full, its KV final) under content hash ``content``.
+
+        False (nothing changes) when that content is already indexed in another block or the
+        block already holds another hash: the first copy stays the one ``lookup`` finds.
+        """
+        self._check_id(block)
+        if self._ref[block] == 0:
+            raise ValueError(f"cannot register block {block}: it is free")
+        if content in self._block_of or block in self._hash_of:
+            return False
+        self._hash_of[block] = content
+        self._block_of[content] = block
+        return True
+
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """Blocks holding the longest indexed prefix of ``hashes`` (a chain: stops at the first miss)."""
+        found = []
+        for content in hashes:
+            block = self._block_of.get(content)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def acquire(self, blocks: Iterable[int]) -> None:
+        """Add one owner to each of ``blocks`` (from ``lookup``): idle ones come back into use."""
+        blocks = list(blocks)
+        for block in blocks:
+            self._check_id(block)
+            if block not in self._hash_of:
+                raise ValueError(f"cannot acquire block {block}: it holds no cached KV")
+        for block in blocks:
+            self._idle.pop(block, None)
+            self._ref[block] += 1
 
     def can_make_writable(self, block: int) -> bool:
         """Whether ``make_writable(block)`` would succeed."""
@@ -116,6 +180,7 @@ class BlockPool:
         if self.ref_count(block) == 0:
             raise ValueError(f"cannot make block {block} writable: it is free")
         if self._ref[block] == 1:
+            self._forget(block)  # its KV is about to change
             return block
         (copy,) = self.allocate(1)
         self._kv.copy_blocks([block], [copy])
@@ -125,9 +190,10 @@ class BlockPool:
     def check_integrity(self) -> None:
         """Raise ``IntegrityError`` if the free list and the ref counts disagree.
 
-        Holds after every public call: the free list has no duplicates and only ids in range, and
-        each block is either free with ref count 0 or used with ref count >= 1 (so free + used
-        covers every block exactly once).
+        Holds after every public call: the free list has no duplicates and only ids in range;
+        each block is either free (ref count 0, not indexed), idle cached (ref count 0, indexed)
+        or used (ref count >= 1), so the three cover every block exactly once; the prefix index
+        maps hashes and blocks one to one.
         """
         free = set(self._free)
         if len(free) != len(self._free):
@@ -139,8 +205,21 @@ class BlockPool:
         for block, ref in enumerate(self._ref):
             if block in free and ref != 0:
                 raise IntegrityError(f"block {block} is on the free list with ref count {ref}")
-            if block not in free and ref < 1:
+            if block in free and block in self._hash_of:
+                raise IntegrityError(f"block {block} is on the free list but indexed as cached KV")
+            if block in self._idle and (ref != 0 or block not in self._hash_of):
+                raise IntegrityError(f"idle cached block {block} has ref count {ref} or no hash")
+            if block not in free and block not in self._idle and ref < 1:
                 raise IntegrityError(f"block {block} is neither free nor owned (ref count {ref})")
+        if len(self._block_of) != len(self._hash_of) or any(
+            self._hash_of.get(b) != h for h, b in self._block_of.items()
+        ):
+            raise IntegrityError("the prefix index's hash -> block and block -> hash maps disagree")
+
+    def _forget(self, block: int) -> None:
+        content = self._hash_of.pop(block, None)
+        if content is not None:
+            del self._block_of[content]
 
     def _check_id(self, block: int) -> None:
         if not 0 <= block < self.num_blocks:

@@ -28,6 +28,14 @@ class SequenceBlocks:
         self.blocks: list[int] = []  # block i holds KV indices [i * block_size, (i + 1) * block_size)
         self.num_tokens = 0  # committed KV entries
 
+    @classmethod
+    def from_cached(cls, pool: BlockPool, blocks: Sequence[int]) -> SequenceBlocks:
+        """A sequence starting from full cached blocks it already owns one reference to."""
+        seq = cls(pool)
+        seq.blocks = list(blocks)
+        seq.num_tokens = len(blocks) * pool.block_size
+        return seq
+
     @property
     def block_table(self) -> tuple[int, ...]:
         return tuple(self.blocks)

@@ -7,6 +7,7 @@ looked up in a registry; anything else is refused with the list of what is suppo
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,3 +187,16 @@ def load_model(path: str | Path, dtype: str = "fp32", attention_backend: str = "
             f"supported; supported: {sorted(ARCHITECTURES)}"
         )
     return ARCHITECTURES[supported[0]](folder, DTYPES[dtype], attention_backend)
+
+
+def fingerprint(model: LoadedModel, kv_dtype: torch.dtype) -> bytes:
+    """SHA-256 of the checkpoint's config and weight files and the KV dtype: the identity of the
+    KV this model computes (two replicas of the same files agree; retrained weights do not).
+    Reads every weight file once (about a second per GB)."""
+    h = hashlib.sha256(b"covspec-model-v1\0" + str(kv_dtype).encode() + b"\0")
+    for file in [model.path / "config.json", *sorted(model.path.glob("*.safetensors"))]:
+        h.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.digest()

@@ -42,7 +42,13 @@ class PromptEncoder:
         expanded = self._expand(ids, prompt.image_token_id, [v.num_total for v in full])
         images = full if select is None else [select(v) for v in full]
         spliced = splice_images(expanded, self.model.image_token_id, images)
-        return EncodedPrompt(spliced.token_ids, spliced.positions, spliced.embeds, spliced.embed_index)
+        counts = [int(v.index.shape[0]) for v in images]  # rows each image occupies here
+        firsts = torch.nonzero(ids == prompt.image_token_id).flatten().tolist()
+        starts = [first + sum(c - 1 for c in counts[:i]) for i, first in enumerate(firsts)]
+        return EncodedPrompt(
+            spliced.token_ids, spliced.positions, spliced.embeds, spliced.embed_index,
+            image_rows=tuple(zip(starts, counts, strict=True)),
+        )  # fmt: skip
 
     def _expand(self, ids: torch.Tensor, placeholder: int, counts: list[int]) -> torch.Tensor:
         """Placeholder ``i`` -> ``counts[i]`` copies of this model's own image token id."""

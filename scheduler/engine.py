@@ -19,6 +19,7 @@ from core.prompt import EncodedPrompt, Prompt
 from core.protocols import Drafter, Verifier
 from core.sampling import SamplingParams
 from core.verify import VerifyItem
+from kvcache.block_hash import CacheScope, ImageRows, block_hashes, tenant_salt
 from scheduler.request import RequestState
 from scheduler.scheduler import Scheduler
 
@@ -89,19 +90,33 @@ class Engine:
         ratio = self.compression if compression is None else compression
         if ratio is not None and not 0 < ratio <= 1:
             raise ValueError(f"compression must be in (0, 1], got {ratio}")
+        encoded = self.encode(prompt)
         state = RequestState(
             request_id=request_id,
             prompt=prompt,
-            encoded=self.encode(prompt),
+            encoded=encoded,
             sampling=sampling,
             compression=ratio,
             generator=torch.Generator().manual_seed(seed),
             eos_token_ids=self.eos_token_ids,
             adapter=adapter,
+            block_hashes=self._block_hashes(prompt, encoded),
         )
         self.scheduler.add(state)
         self._tracking[request_id] = _Tracking(started=time.perf_counter())
         return request_id
+
+    def _block_hashes(self, prompt: Prompt, encoded: EncodedPrompt) -> tuple[bytes, ...]:
+        """Content hashes of the prompt's full KV blocks in its tenant's (and the public)
+        namespace; none without a prefix cache."""
+        prefix = self.scheduler.prefix
+        if prefix is None:
+            return ()
+        scope = CacheScope(prefix.model, tenant_salt(prompt.tenant), encoded.public_rows(prompt))
+        rows = zip(encoded.image_rows, prompt.digests, strict=True)
+        images = [ImageRows(start, n, digest) for (start, n), digest in rows]
+        ids = encoded.token_ids.tolist()
+        return block_hashes(ids, images, self.scheduler.pool.block_size, scope)
 
     def abort(self, request_id: int) -> RequestOutput | None:
         self._tracking.pop(request_id, None)
@@ -114,6 +129,7 @@ class Engine:
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.empty:
+            self.scheduler.wait_for_fetches(timeout_s=0.05)  # nothing to run but Redis lookups
             return []
         scheduled = time.perf_counter()
         proposals = self.drafter.propose(plan.drafts) if plan.drafts and self.drafter else []

@@ -10,6 +10,7 @@ import torch
 from core.plan import RequestStats
 from core.prompt import EncodedPrompt, Prompt
 from core.sampling import SamplingParams
+from kvcache.prefix_cache import Fetch
 from kvcache.sequence_blocks import SequenceBlocks
 
 
@@ -37,6 +38,11 @@ class RequestState:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     preemptions: int = 0
+    block_hashes: tuple[bytes, ...] = ()  # content hash per full prompt block (prefix caching)
+    cached_tokens: int = 0  # prompt tokens found in a prefix cache at the first admission
+    published: int = 0  # leading prompt blocks already in the prefix cache (found or offered)
+    fetch: Fetch | None = None  # a Redis lookup in flight: the request waits for it
+    fetched: bool = False  # Redis was asked (once per admission)
 
     @property
     def num_prompt(self) -> int:
@@ -66,6 +72,7 @@ class RequestState:
             verify_steps=self.verify_steps,
             draft_tokens=self.draft_tokens,
             accepted_tokens=self.accepted_tokens,
+            cached_tokens=self.cached_tokens,
         )
 
     def chunk(self, n: int) -> EncodedPrompt:

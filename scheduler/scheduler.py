@@ -5,10 +5,16 @@ in chunks of at most the step's token budget, then one token per step), and an i
 the end of its sequence samples and may carry a draft tree. Requests keep their arrival order:
 the oldest runs first, and when KV blocks run out the newest running request is preempted (its
 blocks freed, its output kept and recomputed when it is admitted again), so no request is lost.
+
+With a prefix cache, an admitted request starts after the longest cached prefix of its prompt
+(blocks shared with whoever computed them); a request whose prefix is being fetched from Redis
+waits in the queue without holding anyone else up, and full prompt blocks it computes are
+published for later requests.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -17,6 +23,7 @@ from core.draft import NO_DRAFT, DraftBudget, DraftRequest
 from core.plan import RequestOutput, StepPlan
 from core.verify import VerifyItem, VerifyOutcome
 from kvcache.block_pool import BlockPool, IntegrityError
+from kvcache.prefix_cache import PrefixCache
 from kvcache.sequence_blocks import SequenceBlocks
 from scheduler.policies import DraftPolicy, StepLoad, StepRecord
 from scheduler.request import RequestState, Status
@@ -41,8 +48,10 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         on_release: Callable[[int], None] = lambda request_id: None,
         drafter_kv_used: Callable[[], float] = lambda: 0.0,
+        prefix: PrefixCache | None = None,
     ) -> None:
         self.pool, self.policy, self.config = pool, policy, config or SchedulerConfig()
+        self.prefix = prefix  # None: every prompt is computed in full
         self.on_release = on_release  # told when a request's KV is dropped (the drafter frees its own)
         self.drafter_kv_used = drafter_kv_used  # fraction of the drafter's KV pool in use now
         self.waiting: deque[RequestState] = deque()
@@ -91,6 +100,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def wait_for_fetches(self, timeout_s: float) -> None:
+        """Block until a waiting request's Redis fetch is back (or ``timeout_s``): for a step
+        loop with nothing else to run."""
+        pending = [r.fetch.future for r in self.waiting if r.fetch is not None]
+        if pending:
+            first = concurrent.futures.FIRST_COMPLETED
+            concurrent.futures.wait(pending, timeout=timeout_s, return_when=first)
+
     # -- the step -------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
@@ -125,6 +142,7 @@ class Scheduler:
             self._tree_nodes += out.num_draft
             assert req.blocks is not None
             req.blocks.commit(n + out.num_draft, [*range(n), *(n + a for a in out.accepted_nodes)])
+            self._publish(req)
             if not item.emits:
                 continue
             req.verify_steps += 1
@@ -177,20 +195,57 @@ class Scheduler:
         return chosen, tokens_left
 
     def _admit(self, tokens_left: int) -> tuple[list[tuple[RequestState, int]], int]:
+        """Oldest waiting first, each from its cached prefix; one still fetching is passed over."""
         chosen: list[tuple[RequestState, int]] = []
-        while self.waiting and tokens_left > 0 and len(self.running) < self.config.max_running:
-            req = self.waiting[0]
-            n = min(req.num_missing, tokens_left)
-            blocks = SequenceBlocks(self.pool)
+        for req in list(self.waiting):
+            if tokens_left <= 0 or len(self.running) >= self.config.max_running:
+                break
+            cached = self._cached_prefix(req)
+            if cached is None:
+                continue
+            blocks = SequenceBlocks.from_cached(self.pool, cached)
+            n = min(req.num_tokens - blocks.num_tokens, tokens_left)
             if not blocks.can_reserve(n):
+                blocks.release()  # cached blocks go back to the index, still found next time
                 break
             blocks.reserve(n)
-            self.waiting.popleft()
-            req.blocks, req.status = blocks, Status.RUNNING
+            self.waiting.remove(req)
+            if req.preemptions == 0:
+                req.cached_tokens = min(blocks.num_tokens, req.num_prompt)
+            req.blocks, req.status, req.published = blocks, Status.RUNNING, len(cached)
             self.running.append(req)
             chosen.append((req, n))
             tokens_left -= n
         return chosen, tokens_left
+
+    def _cached_prefix(self, req: RequestState) -> list[int] | None:
+        """Blocks (owned once more) holding the longest cached prefix of ``req``'s prompt, at
+        most all but its last token (whose logits it needs); None while Redis is asked."""
+        if self.prefix is None or not req.block_hashes:
+            return []
+        usable = req.block_hashes[: (req.num_tokens - 1) // self.pool.block_size]
+        if req.fetch is not None:
+            if not req.fetch.future.done():
+                return None
+            local = self.prefix.local(usable)
+            loaded = self.prefix.finish_fetch(req.fetch, len(local))
+            req.fetch = None
+            return local + loaded
+        if not req.fetched:
+            req.fetched = True
+            req.fetch = self.prefix.start_fetch(usable, len(self.pool.lookup(usable)))
+            if req.fetch is not None:
+                return None
+        return self.prefix.local(usable)
+
+    def _publish(self, req: RequestState) -> None:
+        """Offer the prompt blocks ``req`` completed since the last call to the prefix cache."""
+        assert req.blocks is not None
+        full = min(req.blocks.num_tokens // self.pool.block_size, len(req.block_hashes))
+        if self.prefix is not None and full > req.published:
+            done = range(req.published, full)
+            self.prefix.publish([(req.blocks.blocks[i], req.block_hashes[i], i) for i in done])
+            req.published = full
 
     def _attach_trees(
         self, sampling: list[tuple[RequestState, int]], budget: DraftBudget, tokens_left: int
@@ -226,6 +281,7 @@ class Scheduler:
         req.blocks.release()
         req.blocks, req.status = None, Status.WAITING
         req.preemptions += 1
+        req.fetched = False
         self.running.remove(req)
         self.waiting.appendleft(req)
         self.on_release(req.request_id)

@@ -17,6 +17,22 @@ def chat_prompt(processor: Any, user_text: str, images: list[Any], system: str |
     return messages_prompt(processor, messages, images)
 
 
+def public_tokens(
+    processor: Any, messages: list[dict[str, Any]], prompt: Prompt, public: frozenset[str]
+) -> int:
+    """How many leading tokens of ``prompt`` (built from ``messages``) a deployment declared
+    public: the whole system turn when its text is one of ``public``, else 0."""
+    first = messages[0] if messages else None
+    if first is None or first["role"] != "system" or not public:
+        return 0
+    text = "".join(part.get("text", "") for part in first["content"])
+    if text not in public:
+        return 0
+    turn = processor.apply_chat_template([first], add_generation_prompt=False)
+    ids = tuple(processor.tokenizer(turn)["input_ids"])
+    return len(ids) if prompt.token_ids[: len(ids)] == ids else 0
+
+
 def messages_prompt(processor: Any, messages: list[dict[str, Any]], images: list[Any]) -> Prompt:
     """Transformers-style chat ``messages`` (``{"type": "image"}`` parts where ``images`` go, in
     order) through the checkpoint's template, then the generation prompt.

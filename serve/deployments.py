@@ -9,6 +9,7 @@ Ray Serve's multiplexed model id: the router prefers engine replicas already dra
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -39,9 +40,11 @@ def use_cpus(num_cpus: float) -> None:
 def engine_options(settings: ServeSettings) -> Any:
     from serve.engine_builder import EngineOptions
 
+    cache = settings.prefix_cache
     return EngineOptions(
         policy=settings.policy, dtype=settings.dtype, max_batch_tokens=settings.max_batch_tokens,
-        adapters=settings.adapter_folders(),
+        adapters=settings.adapter_folders(), prefix_cache=cache.enabled,
+        redis_url=cache.redis_url or os.environ.get("REDIS_URL"),
     )  # fmt: skip
 
 
@@ -183,6 +186,7 @@ class GatewayServer:
             default_max_tokens=settings.default_max_tokens,
             max_body_bytes=settings.max_body_bytes,
             max_in_flight=settings.max_in_flight,
+            public_system_prompts=frozenset(settings.prefix_cache.public_system_prompts),
         )
         processor = AutoProcessor.from_pretrained(settings.target, local_files_only=True)
         keys, metrics = KeyStore.load(settings.keys_file), GatewayMetrics()

@@ -16,7 +16,9 @@ from drafter_pool.adapters import AdapterRegistry
 from drafter_pool.pool import DrafterPool
 from drafter_pool.tree_search import TreeShape
 from kvcache.block_pool import BlockPool
-from models.loader import LoadedModel, load_model
+from kvcache.prefix_cache import PrefixCache
+from kvcache.redis_store import RedisKVStore, RedisTierConfig
+from models.loader import LoadedModel, fingerprint, load_model
 from models.prompt_encoder import PromptEncoder
 from scheduler.cost import CostCurve, CostModel
 from scheduler.engine import Engine
@@ -44,6 +46,8 @@ class EngineOptions:
     adapters: tuple[tuple[str, Path], ...] = ()  # (name, PEFT folder) of drafter LoRAs to register
     adapter_slots: int = 16  # adapters resident at once (LRU beyond that)
     max_adapter_rank: int = 16
+    prefix_cache: bool = True  # reuse the KV of prompt blocks computed before (same tenant or public)
+    redis_url: str | None = None  # share prefix KV through this Redis (needs prefix_cache)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class BuiltEngine:
     target: LoadedModel
     drafter: LoadedModel | None
     adapters: AdapterRegistry | None  # add / remove drafter LoRAs at run time; None without a drafter
+    prefix: PrefixCache | None  # the target's prefix cache (stats); None when disabled
+    redis: RedisKVStore | None  # its Redis tier (stats, close); None without one
 
 
 def check_same_tokenizer(target: Any, drafter: Any, drafter_dir: Path) -> None:
@@ -114,6 +120,10 @@ def build_engine(
     pool = BlockPool(target.decoder.kv_layout(opts.num_blocks, opts.block_size))
     local = None if drafter_dir is None else build_drafter(Path(drafter_dir), tokenizer, opts)
     drafter: DrafterService | None = remote_drafter or local
+    redis = RedisKVStore(RedisTierConfig(opts.redis_url)) if opts.redis_url and opts.prefix_cache else None
+    prefix = None
+    if opts.prefix_cache:
+        prefix = PrefixCache(pool, fingerprint(target, pool.kv.layout.dtype), redis)
     text = getattr(target.hf_config, "text_config", target.hf_config)
     scheduler = Scheduler(
         pool,
@@ -121,6 +131,7 @@ def build_engine(
         SchedulerConfig(opts.max_batch_tokens, max_model_len=int(text.max_position_embeddings)),
         on_release=drafter.release if drafter is not None else (lambda request_id: None),
         drafter_kv_used=drafter.kv_used if drafter is not None else (lambda: 0.0),
+        prefix=prefix,
     )
     encoder = PromptEncoder(target, processor.image_processor if target.vision is not None else None)
     engine = Engine(
@@ -136,8 +147,8 @@ def build_engine(
     if local is None:
         if opts.adapters and remote_drafter is None:
             raise ValueError("drafter adapters need a drafter; pass a drafter folder or drop the adapters")
-        return BuiltEngine(engine, processor, target, None, None)
-    return BuiltEngine(engine, processor, target, local.model, local.adapters)
+        return BuiltEngine(engine, processor, target, None, None, prefix, redis)
+    return BuiltEngine(engine, processor, target, local.model, local.adapters, prefix, redis)
 
 
 def build_drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> LocalDrafter:

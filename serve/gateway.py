@@ -53,6 +53,7 @@ class GatewayConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_in_flight: int = 64
     retry_after_s: int = 1
+    public_system_prompts: frozenset[str] = frozenset()  # system turns whose KV all tenants share
 
 
 def covspec_stats(completion: Completion, adapter: str | None) -> dict[str, Any]:
@@ -103,9 +104,11 @@ class Gateway:
             self._check_capacity()  # before reading images: shed load cheaply
             req = parse_request(await self._body(request))
             adapter = self._adapter(caller, req.model)
+            cfg = self.config
             work = await engine_request(
-                req, self.processor, self.config.image_limits, self.config.default_max_tokens
-            )
+                req, self.processor, cfg.image_limits, cfg.default_max_tokens, caller.tenant,
+                cfg.public_system_prompts,
+            )  # fmt: skip
             self._check_capacity()  # others may have been admitted meanwhile
             outputs = self.engine.stream(work.prompt, work.sampling, adapter)
             first = await self._start(outputs)
@@ -121,7 +124,8 @@ class Gateway:
         stats = completion.stats
         body = completion_body(
             request_id, model, completion.text, completion.finish_reason,
-            usage(stats.prompt_tokens, stats.output_tokens), covspec_stats(completion, adapter),
+            usage(stats.prompt_tokens, stats.output_tokens, stats.cached_tokens),
+            covspec_stats(completion, adapter),
         )  # fmt: skip
         return JSONResponse(body), caller.tenant
 
@@ -231,7 +235,7 @@ class Gateway:
                                 request_id,
                                 model,
                                 None,
-                                usage_=usage(stats.prompt_tokens, stats.output_tokens),
+                                usage_=usage(stats.prompt_tokens, stats.output_tokens, stats.cached_tokens),
                             )
                         )
                     yield sse("[DONE]")

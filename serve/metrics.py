@@ -79,6 +79,7 @@ class EngineMetrics:
             "covspec_drafter_kv_blocks_used_fraction", description="drafter KV blocks in use"
         )
         self.adapters = AdapterMetrics()
+        self.prefix = PrefixMetrics()
         self._seen = _Seen()
 
     def finished(self, completion: Any) -> None:
@@ -111,6 +112,8 @@ class EngineMetrics:
         seen.steps, seen.requests, seen.verify_tokens = totals.steps, totals.requests, totals.verify_tokens
         if adapters is not None:
             self.adapters.sample(adapters)
+        if sched.prefix is not None:
+            self.prefix.sample(sched.prefix, sched.pool.num_cached_blocks)
 
 
 class AdapterMetrics:
@@ -130,3 +133,75 @@ class AdapterMetrics:
         if evictions > self._seen[1]:
             self.evictions.inc(evictions - self._seen[1])
         self._seen = (loads, evictions)
+
+
+class _Increments:
+    """A Ray counter fed from a running total read now and then."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter, self._seen = counter, {}
+
+    def to(self, total: int, tags: dict[str, str] | None = None) -> None:
+        key = tuple(sorted((tags or {}).items()))
+        new = total - self._seen.get(key, 0)
+        if new > 0:
+            self.counter.inc(new, tags=tags)
+        self._seen[key] = total
+
+
+class PrefixMetrics:
+    """Prefix-cache blocks by tier, Redis traffic, faults and load time, from the prefix cache's
+    and its Redis tier's running counts."""
+
+    def __init__(self) -> None:
+        m = _metrics()
+        self.blocks = _Increments(
+            m.Counter(
+                "covspec_prefix_blocks",
+                description="prompt KV blocks by where they came from: local, redis, computed",
+                tag_keys=("source",),
+            )
+        )
+        self.rejected = _Increments(
+            m.Counter(
+                "covspec_prefix_redis_rejected",
+                description="Redis values refused by a check (a miss), by reason",
+                tag_keys=("reason",),
+            )
+        )
+        self.redis_bytes = _Increments(
+            m.Counter(
+                "covspec_prefix_redis_bytes", description="bytes read / written", tag_keys=("direction",)
+            )
+        )
+        self.redis_errors = _Increments(
+            m.Counter("covspec_prefix_redis_errors", description="Redis commands failed or timed out")
+        )
+        self.dropped = _Increments(
+            m.Counter("covspec_prefix_redis_dropped_writes", description="blocks not written to Redis")
+        )
+        self.load = m.Histogram(
+            "covspec_prefix_load_seconds", description="Redis fetch to KV in the pool", boundaries=LATENCY_S
+        )
+        self.breaker = m.Gauge("covspec_prefix_redis_breaker_open", description="1 while the breaker is open")
+        self.cached = m.Gauge("covspec_prefix_cached_blocks", description="KV blocks indexed by content")
+        self._loads = 0
+
+    def sample(self, prefix: Any, cached_blocks: int) -> None:
+        s = prefix.stats
+        for source, total in (("local", s.local_hits), ("redis", s.remote_hits), ("computed", s.misses)):
+            self.blocks.to(total, {"source": source})
+        for reason, total in s.rejected.items():
+            self.rejected.to(total, {"reason": reason})
+        new = s.loads - self._loads
+        for ms in s.load_ms[-new:] if new > 0 else []:
+            self.load.observe(ms / 1000)
+        self._loads = s.loads
+        self.cached.set(cached_blocks)
+        if prefix.remote is not None:
+            t = prefix.remote.stats
+            self.redis_bytes.to(t.bytes_read, {"direction": "read"})
+            self.redis_bytes.to(t.bytes_written, {"direction": "written"})
+            self.redis_errors.to(t.errors)
+            self.dropped.to(t.dropped_writes)
+            self.breaker.set(1.0 if prefix.remote.breaker_open else 0.0)

@@ -58,6 +58,18 @@ class DeploymentSettings(Strict):
         return options
 
 
+class PrefixCacheSettings(Strict):
+    enabled: bool = Field(default=True, description="reuse the KV of prompt blocks computed before")
+    redis_url: str | None = Field(
+        default=None,
+        description="share prefix KV through this Redis; default: $REDIS_URL (covspec serve sets it)",
+    )
+    public_system_prompts: list[str] = Field(
+        default_factory=list,
+        description="system prompts whose KV every tenant may share (published personas)",
+    )
+
+
 class ServeSettings(Strict):
     target: Path = CHECKPOINTS / "tiny-target"
     drafter: Path | None = CHECKPOINTS / "tiny-drafter"  # None: plain decoding
@@ -79,6 +91,7 @@ class ServeSettings(Strict):
     # the drafter as its own deployment (called once per engine step); None: inside each engine
     drafter_pool: DeploymentSettings | None = None
     gateway: DeploymentSettings = DeploymentSettings(num_cpus=0.2, max_ongoing_requests=256)
+    prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
 
     def resolved(self, base: Path) -> ServeSettings:
         """The same settings with relative paths made absolute against ``base`` (replicas may run

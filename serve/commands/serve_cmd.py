@@ -54,13 +54,16 @@ def _serve(args: argparse.Namespace) -> int:
         settings_args["keys_file"] = str(args.keys)
     settings = ServeSettings.model_validate(settings_args).resolved(Path.cwd())  # fail before starting
     KeyStore.load(settings.keys_file)  # likewise for a missing or malformed keys file
-    redis = None if os.environ.get("REDIS_URL") else start_redis()
+    cache = settings.prefix_cache
+    redis = None if cache.redis_url or os.environ.get("REDIS_URL") or not cache.enabled else start_redis()
+    redis_url = cache.redis_url or os.environ.get("REDIS_URL") or (redis.url if redis else None)
+    settings = settings.model_copy(update={"prefix_cache": cache.model_copy(update={"redis_url": redis_url})})
     started_ray = not os.environ.get("RAY_ADDRESS")
     try:
         context = ray.init(address=os.environ.get("RAY_ADDRESS"), dashboard_host="127.0.0.1")
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(settings.model_dump(mode="json")), name="covspec", route_prefix="/")
-        _announce(args, context, redis.url if redis else os.environ["REDIS_URL"])
+        _announce(args, context, redis_url or "none (prefix cache off)")
         _wait_for_signal()
     finally:
         serve.shutdown()

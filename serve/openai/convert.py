@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from core.prompt import Prompt
 from core.sampling import SamplingParams
-from serve.chat import messages_prompt
+from serve.chat import messages_prompt, public_tokens
 from serve.openai.errors import bad_request
 from serve.openai.images import ImageLimits, load_image
 from serve.openai.protocol import ChatCompletionRequest, ImagePart
@@ -49,12 +50,21 @@ async def template_messages(
 
 
 async def engine_request(
-    req: ChatCompletionRequest, processor: Any, limits: ImageLimits, default_max_tokens: int
+    req: ChatCompletionRequest,
+    processor: Any,
+    limits: ImageLimits,
+    default_max_tokens: int,
+    tenant: str,
+    public_systems: frozenset[str] = frozenset(),
 ) -> EngineRequest:
-    """``APIError`` 400 for anything the caller got wrong; the engine checks the context length."""
+    """``APIError`` 400 for anything the caller got wrong; the engine checks the context length.
+    The prompt's KV lives in the authenticated ``tenant``'s namespace, except a system turn
+    whose text is one of ``public_systems``."""
     messages, images = await template_messages(req, limits)
     try:
         prompt = messages_prompt(processor, messages, images)
+        shared = public_tokens(processor, messages, prompt, public_systems)
+        prompt = dataclasses.replace(prompt, tenant=tenant, public_tokens=shared)
         sampling = SamplingParams(
             max_tokens=req.new_tokens or default_max_tokens,
             temperature=req.temperature,

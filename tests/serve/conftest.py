@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from models.synthetic import RandomLlavaSpec, build_random_llava
+from serve.local_redis import LocalRedis, start_redis
+from serve.settings import PrefixCacheSettings, ServeSettings
 from tests.serve.engine_helpers import Oracle, noisy_copy
 
 
@@ -38,22 +40,27 @@ class RayApp:
     url: str  # http://127.0.0.1:<port>: Gateway + Engine (drafter inside the engine)
     pool_url: str  # <url>/pool: Gateway + Engine + DrafterPool (the drafter as its own deployment)
     keys: dict[str, str]  # user -> API key
+    redis: LocalRedis  # the prefix-KV Redis both applications share
+    settings: ServeSettings  # of the application at ``url``
 
 
 @pytest.fixture(scope="session")
 def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
-    """The real Ray Serve application on the shipped tiny models (one local Ray for the session)."""
+    """The real Ray Serve application on the shipped tiny models (one local Ray and one Redis for
+    the session)."""
     import ray
     from ray import serve
 
     from serve.auth import add_key
     from serve.deployments import build_app
     from serve.local_redis import free_port
-    from serve.settings import DeploymentSettings, ServeSettings
+    from serve.settings import DeploymentSettings
 
     keys_file = tmp_path_factory.mktemp("ray-keys") / "keys.yaml"
     keys = {u: add_key(keys_file, u, f"t-{u}", u) for u in ("alice", "bob")}
+    redis = start_redis()
     settings = ServeSettings(
+        prefix_cache=PrefixCacheSettings(redis_url=redis.url),
         keys_file=keys_file,
         policy="fixed",
         engine=DeploymentSettings(num_cpus=0.5),
@@ -68,7 +75,8 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
             update={"drafter_pool": DeploymentSettings(num_cpus=0.5), "policy": "load_aware"}
         )
         serve.run(build_app(pooled.model_dump(mode="json")), name="covspec-pool", route_prefix="/pool")
-        yield RayApp(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/pool", keys)
+        yield RayApp(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/pool", keys, redis, settings)
     finally:
         serve.shutdown()
         ray.shutdown()
+        redis.stop()

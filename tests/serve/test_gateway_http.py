@@ -58,6 +58,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         image_limits=ImageLimits(max_images=2, max_bytes=200_000, max_pixels=256 * 256),
         max_body_bytes=400_000,
         max_in_flight=8,
+        public_system_prompts=frozenset({get_persona(None).system}),
     )
     responses: list[tuple[int, str | None]] = []
     gateway = Gateway(
@@ -301,3 +302,41 @@ def test_a_request_cancelled_before_its_first_token_gives_its_place_back(server:
     gateway = Gateway(HeldEngine(), server.built.processor, server.gateway.keys, GatewayConfig())
     asyncio.run(cancel_while_waiting())
     assert gateway.in_flight == 0 and closed == [True]  # place given back, engine stream closed
+
+
+def cached_and_text(server: Server, user: str, sample: object) -> tuple[int, str]:
+    out = client(server, user).chat.completions.create(  # type: ignore[attr-defined]
+        model="tiny-target", messages=chat_messages(sample, data_url(sample.image())),  # type: ignore[attr-defined]
+        temperature=0, max_tokens=32,
+    )  # fmt: skip
+    return out.usage.prompt_tokens_details.cached_tokens, out.choices[0].message.content
+
+
+def test_same_tenant_reuses_an_image_and_system_prompt_another_tenant_does_not(
+    server: Server, oracle: Oracle
+) -> None:
+    first = make_sample(EVAL_SEED_START + 60, "dave", turn=0)  # a persona no test here used before
+    second = make_sample(EVAL_SEED_START + 60, "dave", turn=1)  # same scene and persona, another question
+    assert first.question.text != second.question.text
+    cached, text = cached_and_text(server, "bob", first)
+    assert cached == 0 and text == expected_text(oracle, first, 32)
+    cached, text = cached_and_text(server, "bob", second)
+    assert cached > 81 and text == expected_text(oracle, second, 32)  # the image's rows came cached
+    cached, text = cached_and_text(server, "alice", second)
+    assert cached == 0 and text == expected_text(oracle, second, 32)
+
+
+def test_a_public_system_prompt_is_shared_across_tenants_up_to_its_end(
+    server: Server, oracle: Oracle
+) -> None:
+    sample = make_sample(EVAL_SEED_START + 61, None)  # the default persona: declared public here
+    assert cached_and_text(server, "bob", sample)[0] == 0
+    cached, text = cached_and_text(server, "alice", sample)
+    system_turn = oracle.processor.apply_chat_template(
+        [{"role": "system", "content": [{"type": "text", "text": sample.system}]}],
+        add_generation_prompt=False,
+    )
+    public = len(oracle.processor.tokenizer(system_turn)["input_ids"])
+    block = server.built.engine.scheduler.pool.block_size
+    assert cached == public // block * block > 0
+    assert text == expected_text(oracle, sample, 32)

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from core.plan import RequestStats
+from kvcache.prefix_cache import PrefixStats
+from kvcache.redis_store import TierStats
 from scheduler.engine import Completion, StepTotals
 from serve import metrics as metrics_module
 from serve.metrics import EngineMetrics, GatewayMetrics
@@ -54,7 +56,7 @@ def test_finished_request_feeds_latency_tau_and_speculation_counters(recorded: d
 def test_samples_turn_running_sums_into_means_and_increments(recorded: dict[str, Recorded]) -> None:
     m = EngineMetrics()
     pool = SimpleNamespace(num_free_blocks=75, num_blocks=100)
-    sched = SimpleNamespace(waiting=[1, 2], running=[3], pool=pool, drafter_kv_used=lambda: 0.5)
+    sched = SimpleNamespace(waiting=[1, 2], running=[3], pool=pool, drafter_kv_used=lambda: 0.5, prefix=None)
     engine = SimpleNamespace(scheduler=sched, totals=StepTotals(steps=4, requests=12, verify_tokens=400))
     adapters = SimpleNamespace(stats=SimpleNamespace(loads=3, evictions=1))
     m.sample(engine, adapters)
@@ -77,3 +79,31 @@ def test_gateway_counts_requests_by_status_and_tenant(recorded: dict[str, Record
         (1, {"status": "200", "tenant": "acme"}),
         (1, {"status": "401", "tenant": "unknown"}),
     ]
+
+
+def test_prefix_cache_blocks_redis_traffic_and_faults_are_counted(recorded: dict[str, Recorded]) -> None:
+    m = EngineMetrics()
+    stats = PrefixStats(local_hits=4, remote_hits=6, misses=10, loads=2, load_ms=[20.0, 40.0])
+    stats.rejected["checksum mismatch"] += 1
+    tier = TierStats(bytes_read=600, bytes_written=1000, errors=2, dropped_writes=3)
+    prefix = SimpleNamespace(stats=stats, remote=SimpleNamespace(stats=tier, breaker_open=True))
+    pool = SimpleNamespace(num_free_blocks=75, num_blocks=100, num_cached_blocks=16)
+    sched = SimpleNamespace(waiting=[], running=[], pool=pool, drafter_kv_used=lambda: 0.0, prefix=prefix)
+    engine = SimpleNamespace(scheduler=sched, totals=StepTotals())
+    m.sample(engine, None)
+    stats.local_hits, stats.loads, stats.load_ms = 7, 3, [20.0, 40.0, 10.0]
+    m.sample(engine, None)
+    assert recorded["covspec_prefix_blocks"].values == [
+        (4, {"source": "local"}), (6, {"source": "redis"}), (10, {"source": "computed"}),
+        (3, {"source": "local"}),
+    ]  # fmt: skip
+    assert recorded["covspec_prefix_load_seconds"].values == [(0.02, {}), (0.04, {}), (0.01, {})]
+    assert recorded["covspec_prefix_redis_rejected"].values == [(1, {"reason": "checksum mismatch"})]
+    assert recorded["covspec_prefix_redis_bytes"].values == [
+        (600, {"direction": "read"}),
+        (1000, {"direction": "written"}),
+    ]
+    assert recorded["covspec_prefix_redis_errors"].values == [(2, {})]
+    assert recorded["covspec_prefix_redis_dropped_writes"].values == [(3, {})]
+    assert recorded["covspec_prefix_redis_breaker_open"].values[-1] == (1.0, {})
+    assert recorded["covspec_prefix_cached_blocks"].values[-1] == (16, {})

@@ -90,3 +90,45 @@ def test_short_headless_locust_run_has_no_failures(ray_app: RayApp, tmp_path: Pa
     )
     assert {"ttft_ms", "e2e_ms", "tokens_per_s"} <= rows.keys()
     assert failures(str(prefix)) == 0
+
+
+def ask(ray_app: RayApp, user: str, sample: object) -> tuple[int, int, str]:
+    """(HTTP status, cached prompt tokens, answer) of one greedy request."""
+    body = {"messages": chat_messages(sample, data_url(sample.image())), "max_tokens": 32, "temperature": 0}  # type: ignore[attr-defined]
+    headers = {"authorization": f"Bearer {ray_app.keys[user]}"}
+    r = httpx.post(f"{ray_app.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+    if r.status_code != 200:
+        return r.status_code, 0, r.text
+    out = r.json()
+    return (
+        200,
+        out["usage"]["prompt_tokens_details"]["cached_tokens"],
+        out["choices"][0]["message"]["content"],
+    )
+
+
+def test_prefix_kv_survives_a_restart_through_redis_and_stays_in_its_tenant(
+    ray_app: RayApp, shipped_oracle: Oracle
+) -> None:
+    """Last in this file: it redeploys the application and stops Redis."""
+    from ray import serve
+
+    from serve.deployments import build_app
+
+    turns = [make_sample(EVAL_SEED_START + 70, "carol", turn=t) for t in range(4)]  # one scene, one persona
+
+    def expected(t: int) -> str:
+        return expected_text(shipped_oracle, turns[t], 32)
+
+    assert ask(ray_app, "bob", turns[0]) == (200, 0, expected(0))
+    status, cached, text = ask(ray_app, "bob", turns[1])
+    assert (status, text) == (200, expected(1)) and cached > 81  # system prompt and image came cached
+    assert ask(ray_app, "alice", turns[1]) == (200, 0, expected(1))  # another tenant: nothing shared
+
+    serve.delete("covspec")  # a restart: new engine replicas with empty KV pools
+    serve.run(build_app(ray_app.settings.model_dump(mode="json")), name="covspec", route_prefix="/")
+    status, after_restart, text = ask(ray_app, "bob", turns[2])
+    assert (status, text) == (200, expected(2)) and after_restart > 81  # loaded from Redis
+
+    ray_app.redis.stop()  # Redis gone: still answered, just computed
+    assert ask(ray_app, "alice", turns[3]) == (200, 0, expected(3))

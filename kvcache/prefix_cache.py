@@ -1,0 +1,124 @@
+"""Prefix caching across requests: the pool's local index first, then (optionally) Redis.
+
+A request's prompt has one content hash per full block (``kvcache.block_hash``). At admission
+the scheduler asks for the longest cached prefix: blocks indexed in this replica's pool are
+shared at once; when a remote tier is configured, the hashes past them are fetched from Redis
+in the background and the request waits in its own state until the fetch is back. Loaded values
+are checked (``kv_codec.decode``) and written into fresh blocks, in order, up to the first that
+fails a check. Blocks a request computes itself are ``publish``-ed: indexed locally and written
+to Redis off the engine thread. Nothing here can change an output: a bad value, a Redis fault
+or an eviction only means computing the KV again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvcache import kv_codec
+from kvcache.block_pool import BlockPool
+from kvcache.kv_codec import BlockKV, BlockMeta
+
+
+class RemoteKV(Protocol):
+    """A shared block store (``RedisKVStore``). Neither call may block or raise."""
+
+    def fetch(self, contents: Sequence[bytes]) -> concurrent.futures.Future[list[bytes | None]]: ...
+
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """A Redis lookup in flight for blocks ``[first, first + len(contents))`` of a prompt."""
+
+    first: int
+    contents: tuple[bytes, ...]
+    future: concurrent.futures.Future[list[bytes | None]]
+    started: float  # perf_counter
+
+
+@dataclass
+class PrefixStats:
+    """Blocks by where their KV came from, since start."""
+
+    local_hits: int = 0  # blocks reused from this replica's pool
+    remote_hits: int = 0  # blocks loaded from Redis (checked and written into the pool)
+    misses: int = 0  # prompt blocks computed here
+    rejected: Counter[str] = field(default_factory=Counter)  # Redis values failing a check, by reason
+    published: int = 0  # blocks computed here and offered to Redis
+    loads: int = 0  # Redis fetches finished
+    load_ms: list[float] = field(default_factory=list)  # recent fetch-to-loaded times (bounded)
+
+
+class PrefixCache:
+    def __init__(self, pool: BlockPool, model: bytes, remote: RemoteKV | None = None) -> None:
+        self.pool, self.model, self.remote = pool, model, remote
+        self.stats = PrefixStats()
+
+    def local(self, contents: Sequence[bytes]) -> list[int]:
+        """Acquired blocks holding the longest locally cached prefix of ``contents``."""
+        blocks = self.pool.lookup(contents)
+        self.pool.acquire(blocks)
+        self.stats.local_hits += len(blocks)
+        return blocks
+
+    def start_fetch(self, contents: Sequence[bytes], first: int) -> Fetch | None:
+        """Ask Redis for ``contents[first:]``; None without a remote tier or nothing to ask."""
+        if self.remote is None or first >= len(contents):
+            return None
+        wanted = tuple(contents[first:])
+        return Fetch(first, wanted, self.remote.fetch(wanted), time.perf_counter())
+
+    def finish_fetch(self, fetch: Fetch, have: int) -> list[int]:
+        """Fresh blocks (ref count 1) with the fetched KV for prompt blocks ``have`` onward, as
+        far as the values pass their checks and the pool has free blocks; empty when the
+        caller's ``have`` blocks do not reach the fetch (evicted meanwhile)."""
+        values = fetch.future.result()
+        if have < fetch.first:
+            return []
+        loaded: list[int] = []
+        for i in range(have - fetch.first, len(values)):
+            value = values[i]
+            if value is None or not self.pool.can_allocate(1):
+                break
+            kv = kv_codec.decode(value, self._meta(fetch.contents[i], fetch.first + i))
+            if isinstance(kv, str):
+                self.stats.rejected[kv] += 1
+                break
+            (block,) = self.pool.allocate(1)
+            self._write(block, kv)
+            self.pool.register(block, fetch.contents[i])
+            loaded.append(block)
+        self.stats.remote_hits += len(loaded)
+        self.stats.loads += 1
+        self.stats.load_ms = [*self.stats.load_ms[-255:], 1000 * (time.perf_counter() - fetch.started)]
+        return loaded
+
+    def publish(self, blocks: Sequence[tuple[int, bytes, int]]) -> None:
+        """Index ``(block, content hash, block index in the prompt)`` computed here; offer them
+        to Redis (encoding copies the KV now, the write happens on the store's thread)."""
+        fresh = [(b, c, i) for b, c, i in blocks if self.pool.register(b, c)]
+        self.stats.misses += len(blocks)
+        if self.remote is None or not fresh:
+            return
+        items = [(c, kv_codec.encode(self._meta(c, i), self._read(b))) for b, c, i in fresh]
+        if self.remote.put(items):
+            self.stats.published += len(items)
+
+    def _meta(self, content: bytes, index: int) -> BlockMeta:
+        size = self.pool.block_size
+        return BlockMeta(self.model, self.pool.kv.layout, content, (index * size, (index + 1) * size))
+
+    def _read(self, block: int) -> BlockKV:
+        kv = self.pool.kv
+        return BlockKV(kv.keys[:, block].clone(), kv.values[:, block].clone())
+
+    def _write(self, block: int, kv: BlockKV) -> None:
+        cache = self.pool.kv
+        cache.keys[:, block] = kv.keys.to(cache.keys.device)
+        cache.values[:, block] = kv.values.to(cache.values.device)
