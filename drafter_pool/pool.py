@@ -10,7 +10,8 @@ A request may name a LoRA adapter (its user's); its tokens then go through that 
 same forwards as everyone else's (``models.multi_lora``). A LoRA changes the drafter's KV, so KV
 lives in the namespace of the adapter it was computed with: each request's blocks are private and
 tagged with its adapter, which the request pins (never evicted or replaced) until the drafter
-releases it. A prefix cache that shares drafter blocks must key them by that adapter too.
+releases it. The drafter's prefix cache (``drafter_pool.prefix``) keys shared prompt blocks by
+that adapter's weights and the compression too.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from core.sampling import SamplingParams, probs_from_logits
 from core.tree import ROOT, DraftTree
 from drafter_pool.adapters import AdapterError, AdapterRegistry
 from drafter_pool.compression import get_compressor
+from drafter_pool.prefix import DrafterPrefixCache
 from drafter_pool.tree_search import TreeGrower, TreeShape
 from kvcache.block_pool import BlockPool, IntegrityError
 from kvcache.sequence_blocks import SequenceBlocks
-from models.loader import LoadedModel
+from models.loader import LoadedModel, fingerprint
 from models.multi_lora import NO_ADAPTER, LoraBatch
 from models.prompt_encoder import PromptEncoder
 
@@ -62,6 +64,8 @@ class _Drafting:
     generator: torch.Generator
     adapter: str | None = None  # the pinned LoRA its KV was computed with; None = base drafter
     slot: int = NO_ADAPTER  # that adapter's slot
+    hashes: tuple[bytes, ...] = ()  # content hashes of its prompt's full blocks (prefix cache)
+    published: int = 0  # leading prompt blocks already in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,14 @@ class DrafterPool:
         compression: str = "salient",
         seed: int = 0,
         adapters: AdapterRegistry | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self.model = model
         self.adapters = adapters
         self.pool = BlockPool(model.decoder.kv_layout(num_blocks, block_size))
+        self.compression = compression
+        model_id = fingerprint(model, self.pool.kv.layout.dtype) if prefix_cache else b""
+        self.prefix = DrafterPrefixCache(self.pool, model_id) if prefix_cache else None
         self.encoder = PromptEncoder(model)
         self.shape = shape or TreeShape()
         self.compress = get_compressor(compression)
@@ -155,6 +163,9 @@ class DrafterPool:
         for req, seq, row in zip(requests, seqs, logits, strict=True):
             state = self.states[req.request_id]
             state.blocks.commit(seq.num_new, range(seq.num_new))  # frees the tree's blocks ...
+            if self.prefix is not None:
+                b = state.blocks
+                state.published = self.prefix.publish(b.blocks, state.hashes, state.published, b.num_tokens)
             state.blocks.reserve(self._max_tree_rows(req))  # ... and takes them back for the levels
             state.num_outputs = len(req.output_ids)
             state.next_position = int(seq.positions[-1]) + 1
@@ -171,10 +182,12 @@ class DrafterPool:
         if state is None:
             state = self._admit(req)
             prompt = self._encode(req)
-            tokens = torch.cat([prompt.token_ids, outputs])
+            cached = self._cached_prefix(req, prompt, state, len(outputs))
+            tokens = torch.cat([prompt.token_ids[cached:], outputs])
             last = int(prompt.positions[-1])
-            positions = torch.cat([prompt.positions, last + 1 + torch.arange(len(outputs))])
-            embeds, embed_index = prompt.embeds, prompt.embed_index
+            positions = torch.cat([prompt.positions[cached:], last + 1 + torch.arange(len(outputs))])
+            rest = prompt.chunk(cached, prompt.num_tokens)
+            embeds, embed_index = rest.embeds, rest.embed_index
         else:
             tokens = outputs[state.num_outputs :]
             positions = state.next_position + torch.arange(len(tokens))
@@ -199,6 +212,19 @@ class DrafterPool:
             state.adapter, state.slot = self._pin(req.adapter)
         self.states[req.request_id] = state
         return state
+
+    def _cached_prefix(self, req: DraftRequest, prompt: EncodedPrompt, state: _Drafting, outputs: int) -> int:
+        """Start ``state`` from the longest cached prefix of ``prompt``; the prompt rows it covers."""
+        if self.prefix is None:
+            return 0
+        digest = "base"
+        if state.adapter is not None and self.adapters is not None:
+            digest = self.adapters.registered[state.adapter].digest
+        ratio = req.budget.compression if req.budget.compression < 1 else 1.0
+        state.hashes = self.prefix.hashes(req.prompt, prompt, digest, f"{self.compression}:{ratio}")
+        cached = self.prefix.acquire(state.hashes, prompt.num_tokens + outputs)
+        state.blocks, state.published = SequenceBlocks.from_cached(self.pool, cached), len(cached)
+        return state.blocks.num_tokens
 
     def _pin(self, name: str) -> tuple[str | None, int]:
         """The adapter and slot a new request drafts with: its own, or the base drafter when the

@@ -31,6 +31,21 @@ class PromptEncoder:
         self._cache: OrderedDict[str, VisualTokens] = OrderedDict()
         self.cache_images = cache_images
 
+    def layout(self, prompt: Prompt) -> EncodedPrompt:
+        """The prompt's rows without running the vision tower: placeholders expanded, image rows
+        known, no embeddings yet (``encode`` gives them). Enough to hash and schedule it."""
+        ids = torch.tensor(prompt.token_ids, dtype=torch.long)
+        if not prompt.images:
+            return EncodedPrompt(ids, torch.arange(len(ids)), None, None)
+        if self.model.vision is None or self.model.image_token_id is None:
+            raise ValueError(f"{self.model.path} is a text-only model; it cannot take images")
+        counts = [self.model.vision.tokens_per_image] * len(prompt.images)
+        expanded = self._expand(ids, prompt.image_token_id, counts)
+        firsts = torch.nonzero(ids == prompt.image_token_id).flatten().tolist()
+        starts = [first + i * (counts[0] - 1) for i, first in enumerate(firsts)]
+        rows = tuple(zip(starts, counts, strict=True))
+        return EncodedPrompt(expanded, torch.arange(len(expanded)), None, None, image_rows=rows)
+
     def encode(self, prompt: Prompt, select: TokenSelect | None = None) -> EncodedPrompt:
         ids = torch.tensor(prompt.token_ids, dtype=torch.long)
         if not prompt.images:

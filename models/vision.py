@@ -51,6 +51,9 @@ class VisionEncoder(nn.Module):
         self.multi_modal_projector = LlavaMultiModalProjector(llava_config)
         self.feature_layer = llava_config.vision_feature_layer
         self.select_strategy = llava_config.vision_feature_select_strategy
+        vision = llava_config.vision_config
+        grid = vision.image_size // vision.patch_size  # the processor resizes every image to image_size
+        self.tokens_per_image = grid * grid + (1 if self.select_strategy == "full" else 0)
         if self.select_strategy not in ("default", "full"):
             raise ValueError(f"unsupported vision_feature_select_strategy {self.select_strategy!r}")
 

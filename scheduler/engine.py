@@ -64,9 +64,13 @@ class Engine:
         eos_token_ids: frozenset[int],
         seed: int = 0,
         compression: float | None = None,
+        layout: Callable[[Prompt], EncodedPrompt] | None = None,
     ) -> None:
         self.scheduler, self.verifier, self.drafter = scheduler, verifier, drafter
         self.encode, self.detokenize, self.eos_token_ids = encode, detokenize, eos_token_ids
+        # the prompt's rows without visual embeddings; with it, images are encoded only when a
+        # chunk needs them (not at all when a prefix cache holds their rows)
+        self.layout = layout
         self.compression = compression  # r for every request; None = the draft policy chooses
         self._ids = itertools.count()
         self._seeds = random.Random(seed)
@@ -82,6 +86,7 @@ class Engine:
     ) -> int:
         """Queue a request and return its id; ``ValueError`` for a request that cannot run.
         ``adapter`` names the drafter LoRA to draft it with (its output does not depend on it)."""
+        started = time.perf_counter()  # TTFT counts encoding the prompt (the vision tower) too
         if adapter is not None and (self.drafter is None or not self.drafter.has_adapter(adapter)):
             where = "this engine decodes without a drafter" if self.drafter is None else "it is not loaded"
             raise ValueError(f"unknown drafter adapter {adapter!r}: {where}")
@@ -90,7 +95,8 @@ class Engine:
         ratio = self.compression if compression is None else compression
         if ratio is not None and not 0 < ratio <= 1:
             raise ValueError(f"compression must be in (0, 1], got {ratio}")
-        encoded = self.encode(prompt)
+        lazy = self.layout is not None and self.scheduler.prefix is not None and bool(prompt.images)
+        encoded = self.layout(prompt) if lazy and self.layout is not None else self.encode(prompt)
         state = RequestState(
             request_id=request_id,
             prompt=prompt,
@@ -101,9 +107,10 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             adapter=adapter,
             block_hashes=self._block_hashes(prompt, encoded),
+            visual=(lambda: self.encode(prompt)) if lazy else None,
         )
         self.scheduler.add(state)
-        self._tracking[request_id] = _Tracking(started=time.perf_counter())
+        self._tracking[request_id] = _Tracking(started=started)
         return request_id
 
     def _block_hashes(self, prompt: Prompt, encoded: EncodedPrompt) -> tuple[bytes, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ class Status(enum.Enum):
 class RequestState:
     request_id: int
     prompt: Prompt
-    encoded: EncodedPrompt  # the target's view of the prompt
+    encoded: EncodedPrompt  # the target's view of the prompt (visual embeddings maybe still to come)
     sampling: SamplingParams
     compression: float | None  # drafter visual-token ratio the request pinned; None = the policy's
     generator: torch.Generator
@@ -43,6 +44,10 @@ class RequestState:
     published: int = 0  # leading prompt blocks already in the prefix cache (found or offered)
     fetch: Fetch | None = None  # a Redis lookup in flight: the request waits for it
     fetched: bool = False  # Redis was asked (once per admission)
+    # computes ``encoded`` with its visual embeddings (the vision tower) the first time a chunk
+    # needs them; None once done or when ``encoded`` came complete. A prompt whose image rows
+    # all come from a prefix cache never runs the vision tower.
+    visual: Callable[[], EncodedPrompt] | None = None
 
     @property
     def num_prompt(self) -> int:
@@ -78,6 +83,11 @@ class RequestState:
     def chunk(self, n: int) -> EncodedPrompt:
         """The next ``n`` missing tokens (prompt rows with their image embeddings, then outputs)."""
         start, end = self.num_computed, self.num_computed + n
+        if self.visual is not None and any(s < end and start < s + k for s, k in self.encoded.image_rows):
+            complete = self.visual()
+            if not torch.equal(complete.token_ids, self.encoded.token_ids):
+                raise AssertionError(f"request {self.request_id}: the encoded prompt differs from its layout")
+            self.encoded, self.visual = complete, None
         parts = self.encoded.chunk(start, min(end, self.num_prompt)) if start < self.num_prompt else None
         outputs = self.output_ids[max(start - self.num_prompt, 0) : max(end - self.num_prompt, 0)]
         out_ids = torch.tensor(outputs, dtype=torch.long)

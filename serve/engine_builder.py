@@ -143,6 +143,7 @@ def build_engine(
         eos_token_ids(target, tokenizer),
         seed=opts.seed,
         compression=opts.compression,
+        layout=encoder.layout,
     )
     if local is None:
         if opts.adapters and remote_drafter is None:

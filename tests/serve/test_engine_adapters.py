@@ -61,3 +61,27 @@ def test_unknown_adapter_is_refused_when_the_request_is_added(adapter_dirs: dict
 def test_adapters_without_a_drafter_are_refused(adapter_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="adapters need a drafter"):
         build_engine(TARGET, None, EngineOptions(adapters=tuple(adapter_dirs.items())))
+
+
+def test_drafter_prompt_blocks_are_shared_only_within_one_adapter_and_compression(
+    oracle: Oracle, adapter_dirs: dict[str, Path]
+) -> None:
+    built = build_engine(TARGET, DRAFTER, EngineOptions(policy="fixed", adapters=tuple(adapter_dirs.items())))
+    drafter = built.engine.drafter
+    assert drafter is not None and drafter.prefix is not None  # type: ignore[attr-defined]
+    cache = drafter.prefix  # type: ignore[attr-defined]
+    turns = [make_sample(EVAL_SEED_START + 950, "bob", turn=t) for t in range(5)]  # one image and persona
+    prompts = [oracle.prompt(s.question.text, s.image(), s.system) for s in turns]
+    hits = []
+    for prompt, user, ratio in [
+        (prompts[0], "u1", 1.0), (prompts[1], "u1", 1.0),  # same adapter: the second one hits
+        (prompts[2], "u2", 1.0),  # another adapter: no hit
+        (prompts[3], "u1", 0.5),  # other visual tokens kept: no hit
+        (prompts[4], None, 1.0),  # the base drafter: no hit
+    ]:  # fmt: skip
+        before = cache.hits
+        (out,) = run_checked(built.engine, [prompt], [SamplingParams(max_tokens=16)], [ratio], [user])
+        hits.append(cache.hits - before)
+        s = turns[len(hits) - 1]
+        assert out.token_ids == tuple(oracle.greedy(s.question.text, s.image(), s.system, 16))
+    assert hits[0] == 0 and hits[1] > 0 and hits[2:] == [0, 0, 0]

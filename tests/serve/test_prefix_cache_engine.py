@@ -149,3 +149,19 @@ def test_prefix_cache_off_reports_no_cached_tokens(folders: dict[str, Path], ora
     outs = run_checked(built.engine, [prompt, prompt], [GREEDY] * 2)
     assert [o.stats.cached_tokens for o in outs] == [0, 0]
     assert built.prefix is None
+
+
+@pytest.mark.parametrize("images", [0, 1, 2])
+def test_the_layout_without_visual_embeddings_has_the_encoded_rows(
+    engine: Engine, oracle: Oracle, images: int
+) -> None:
+    from serve.chat import chat_prompt
+
+    prompt = chat_prompt(
+        oracle.processor, "what is it", [random_image(30 + i) for i in range(images)], SYSTEM
+    )
+    assert engine.layout is not None
+    layout, encoded = engine.layout(prompt), engine.encode(prompt)
+    assert layout.token_ids.tolist() == encoded.token_ids.tolist()
+    assert layout.image_rows == encoded.image_rows and len(layout.image_rows) == images
+    assert layout.embeds is None

@@ -141,3 +141,17 @@ def test_a_bad_value_is_a_miss_from_that_block_on(
     client.set(key, tamper(client.get(key) or b"", reader, bytes.fromhex(key[-64:].decode()), index))
     assert answer_matches_oracle(reader, oracle, 6) == index * BLOCK  # the blocks before it still load
     assert reader.prefix is not None and reader.prefix.stats.rejected == {reason: 1}
+
+
+def test_a_prefix_loaded_from_redis_skips_the_vision_tower(
+    folders: dict[str, Path], oracle: Oracle, server: LocalRedis
+) -> None:
+    writer, reader = replica(folders, server.url), replica(folders, server.url)
+    computed_by(writer, oracle, 8)
+    calls = []
+    encode = reader.engine.encode
+    reader.engine.encode = lambda prompt, *a: calls.append(prompt) or encode(prompt, *a)  # type: ignore[method-assign]
+    assert answer_matches_oracle(reader, oracle, 8) > 0
+    assert calls == []  # every image row came from Redis
+    answer_matches_oracle(reader, oracle, 9)  # a new image: encoded when its chunk needs it
+    assert len(calls) == 1
