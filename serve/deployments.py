@@ -96,6 +96,16 @@ class EngineServer:
     async def alive(self) -> bool:
         return self.engine.alive
 
+    def record_routing_stats(self) -> dict[str, float]:
+        """What the Engine deployment's router balances on (``serve/routing.py``); read without
+        a lock from the loop thread's state: a snapshot, good enough to route by."""
+        sched = self.built.engine.scheduler
+        return {
+            "waiting": float(len(sched.waiting)),
+            "running": float(len(sched.running)),
+            "kv_used": 1 - sched.pool.num_free_blocks / sched.pool.num_blocks,
+        }
+
     def check_health(self) -> None:
         """Ray Serve calls this periodically; a dead step loop marks the replica unhealthy."""
         if not self.engine.alive:
@@ -218,5 +228,13 @@ def build_app(args: dict[str, Any]) -> Any:
     drafter = None
     if settings.drafter_pool is not None and settings.drafter is not None:
         drafter = DrafterPoolDeployment.options(**settings.drafter_pool.serve_options()).bind(settings)
-    engine = EngineDeployment.options(**settings.engine.serve_options()).bind(settings, drafter)
+    from ray.serve.config import RequestRouterConfig
+
+    router = RequestRouterConfig(  # prefix affinity and load (serve/routing.py); stats every second
+        request_router_class="serve.routing:EngineRequestRouter",
+        request_routing_stats_period_s=1.0,
+        request_routing_stats_timeout_s=1.0,
+    )
+    engine_options = {**settings.engine.serve_options(), "request_router_config": router}
+    engine = EngineDeployment.options(**engine_options).bind(settings, drafter)
     return GatewayDeployment.options(**settings.gateway.serve_options()).bind(engine, settings)
