@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 
@@ -65,13 +66,13 @@ def test_redis_absent_is_a_miss_and_opens_the_breaker() -> None:
 
 def test_the_breaker_closes_again_once_redis_answers(server: LocalRedis) -> None:
     store = store_for(server.url, cooldown=0.2)
-    server.process.send_signal(19)  # SIGSTOP: Redis hangs
+    server.process.send_signal(signal.SIGSTOP)  # Redis hangs
     try:
         for _ in range(3):
             assert store.fetch([h(1)]).result(timeout=2) == [None]
         assert store.breaker_open
     finally:
-        server.process.send_signal(18)  # SIGCONT
+        server.process.send_signal(signal.SIGCONT)
     time.sleep(0.3)
     store.put([(h(1), b"back")])
     store.flush()

@@ -3,6 +3,7 @@ fault the output stays transformers' greedy output, no request fails and the eve
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,20 @@ def test_redis_killed_mid_run(folders: dict[str, Path], oracle: Oracle, server: 
     assert writer.redis is not None and writer.redis.stats.dropped_writes > 0
 
 
-def test_redis_paused(folders: dict[str, Path], oracle: Oracle, server: LocalRedis) -> None:
+@pytest.mark.parametrize("fault", ["CLIENT PAUSE", "hung process"])
+def test_redis_paused_or_hung(
+    folders: dict[str, Path], oracle: Oracle, server: LocalRedis, fault: str
+) -> None:
     writer, reader = replica(folders, server.url), replica(folders, server.url)
     computed_by(writer, oracle, 5)
-    redis.Redis.from_url(server.url).execute_command("CLIENT", "PAUSE", "3000", "ALL")
-    assert answer_matches_oracle(reader, oracle, 5) == 0
+    if fault == "CLIENT PAUSE":
+        redis.Redis.from_url(server.url).execute_command("CLIENT", "PAUSE", "3000", "ALL")
+    else:
+        server.process.send_signal(signal.SIGSTOP)  # answers nothing, connections stay open
+    try:
+        assert answer_matches_oracle(reader, oracle, 5) == 0
+    finally:
+        server.process.send_signal(signal.SIGCONT)
     assert reader.redis is not None and reader.redis.stats.errors >= 1
 
 
