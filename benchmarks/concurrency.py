@@ -32,12 +32,14 @@ from serve.chat import chat_prompt
 from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+# prefix cache off: the same prompts come back every level and repeat; each run computes them,
+# so the policies are compared on decoding, not on what an earlier run left cached
 POLICIES: dict[str, EngineOptions] = {
-    "none": EngineOptions(policy="none"),
-    "fixed_2": EngineOptions(policy="fixed", fixed_nodes=2),
-    "fixed_4": EngineOptions(policy="fixed", fixed_nodes=4),
-    "fixed_8": EngineOptions(policy="fixed", fixed_nodes=8),
-    "load_aware": EngineOptions(policy="load_aware"),
+    "none": EngineOptions(policy="none", prefix_cache=False),
+    "fixed_2": EngineOptions(policy="fixed", fixed_nodes=2, prefix_cache=False),
+    "fixed_4": EngineOptions(policy="fixed", fixed_nodes=4, prefix_cache=False),
+    "fixed_8": EngineOptions(policy="fixed", fixed_nodes=8, prefix_cache=False),
+    "load_aware": EngineOptions(policy="load_aware", prefix_cache=False),
 }
 
 

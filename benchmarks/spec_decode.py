@@ -146,7 +146,8 @@ def main() -> None:
     args = parser.parse_args()
     samples = prompts(args.mode, args.prompts)
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.mode == "forced")
-    runners = contenders(EngineOptions(tree=TreeShape()), args.mode)
+    # prefix cache off: every pass recomputes its prompts, as transformers' generate does
+    runners = contenders(EngineOptions(tree=TreeShape(), prefix_cache=False), args.mode)
     runners = {k: v for k, v in runners.items() if not args.only or k in args.only}
     results: dict[str, Outcome] = {}
 

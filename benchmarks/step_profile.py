@@ -29,6 +29,7 @@ from serve.chat import chat_prompt
 from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+TARGET = CHECKPOINTS / "tiny-target"
 
 
 def profile_request(built: BuiltEngine, sample: Any, params: SamplingParams) -> dict[str, float]:
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     engines = {
-        "spec": build_engine(CHECKPOINTS / "tiny-target", CHECKPOINTS / "tiny-drafter", EngineOptions()),
-        "no_spec": build_engine(CHECKPOINTS / "tiny-target", None, EngineOptions(policy="none")),
+        # prefix cache off: every pass recomputes its prompts
+        "spec": build_engine(TARGET, CHECKPOINTS / "tiny-drafter", EngineOptions(prefix_cache=False)),
+        "no_spec": build_engine(TARGET, None, EngineOptions(policy="none", prefix_cache=False)),
     }
     samples = [make_sample(EVAL_SEED_START + i) for i in range(args.prompts)]
     params = SamplingParams(max_tokens=args.max_tokens)
