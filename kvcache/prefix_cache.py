@@ -15,8 +15,9 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from kvcache import kv_codec
@@ -29,16 +30,20 @@ class RemoteKV(Protocol):
 
     def fetch(self, contents: Sequence[bytes]) -> concurrent.futures.Future[list[bytes | None]]: ...
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> bool: ...
+    def put(self, items: Sequence[tuple[bytes, Callable[[], bytes]]]) -> bool: ...
+
+
+Checked = BlockKV | str | None  # a block's KV, why its value was refused, or no value
 
 
 @dataclass(frozen=True)
 class Fetch:
-    """A Redis lookup in flight for blocks ``[first, first + len(contents))`` of a prompt."""
+    """A Redis lookup in flight for blocks ``[first, first + len(contents))`` of a prompt; its
+    future gives each block checked and decoded (off the engine thread)."""
 
     first: int
     contents: tuple[bytes, ...]
-    future: concurrent.futures.Future[list[bytes | None]]
+    future: concurrent.futures.Future[list[Checked]]
     started: float  # perf_counter
 
 
@@ -59,6 +64,8 @@ class PrefixCache:
     def __init__(self, pool: BlockPool, model: bytes, remote: RemoteKV | None = None) -> None:
         self.pool, self.model, self.remote = pool, model, remote
         self.stats = PrefixStats()
+        # checks and decodes fetched values (a checksum over every byte) off the engine thread
+        self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="covspec-kv-decode")
 
     def local(self, contents: Sequence[bytes]) -> list[int]:
         """Acquired blocks holding the longest locally cached prefix of ``contents``."""
@@ -72,7 +79,23 @@ class PrefixCache:
         if self.remote is None or first >= len(contents):
             return None
         wanted = tuple(contents[first:])
-        return Fetch(first, wanted, self.remote.fetch(wanted), time.perf_counter())
+        metas = [self._meta(c, first + i) for i, c in enumerate(wanted)]
+        checked: concurrent.futures.Future[list[Checked]] = concurrent.futures.Future()
+
+        def decode_all(values: list[bytes | None]) -> None:
+            checked.set_result(
+                [None if v is None else kv_codec.decode(v, m) for v, m in zip(values, metas, strict=True)]
+            )
+
+        def on_values(raw: concurrent.futures.Future[list[bytes | None]]) -> None:
+            if raw.exception() is not None:  # a store that broke its promise not to raise: a miss
+                self.stats.rejected[f"store failed: {type(raw.exception()).__name__}"] += 1
+                checked.set_result([None] * len(wanted))
+            else:
+                self._decoder.submit(decode_all, raw.result())
+
+        self.remote.fetch(wanted).add_done_callback(on_values)
+        return Fetch(first, wanted, checked, time.perf_counter())
 
     def finish_fetch(self, fetch: Fetch, have: int) -> list[int]:
         """Fresh blocks (ref count 1) with the fetched KV for prompt blocks ``have`` onward, as
@@ -83,10 +106,9 @@ class PrefixCache:
             return []
         loaded: list[int] = []
         for i in range(have - fetch.first, len(values)):
-            value = values[i]
-            if value is None or not self.pool.can_allocate(1):
+            kv = values[i]
+            if kv is None or not self.pool.can_allocate(1):
                 break
-            kv = kv_codec.decode(value, self._meta(fetch.contents[i], fetch.first + i))
             if isinstance(kv, str):
                 self.stats.rejected[kv] += 1
                 break
@@ -101,12 +123,12 @@ class PrefixCache:
 
     def publish(self, blocks: Sequence[tuple[int, bytes, int]]) -> None:
         """Index ``(block, content hash, block index in the prompt)`` computed here; offer them
-        to Redis (encoding copies the KV now, the write happens on the store's thread)."""
+        to Redis (their KV is copied now; serializing and writing happen on the store's threads)."""
         fresh = [(b, c, i) for b, c, i in blocks if self.pool.register(b, c)]
         self.stats.misses += len(blocks)
         if self.remote is None or not fresh:
             return
-        items = [(c, kv_codec.encode(self._meta(c, i), self._read(b))) for b, c, i in fresh]
+        items = [(c, partial(kv_codec.encode, self._meta(c, i), self._read(b))) for b, c, i in fresh]
         if self.remote.put(items):
             self.stats.published += len(items)
 

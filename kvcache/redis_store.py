@@ -15,7 +15,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 KEY_PREFIX = b"covspec:kv:"
+ValueMaker = Callable[[], bytes]  # builds a value to store (run on a worker thread)
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ class RedisKVStore:
             return done
         return asyncio.run_coroutine_threadsafe(self._fetch(keys), self._loop)
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> bool:
-        """Queue ``(content hash, value)`` writes; False when they were dropped instead."""
+    def put(self, items: Sequence[tuple[bytes, ValueMaker]]) -> bool:
+        """Queue ``(content hash, value maker)`` writes; False when they were dropped instead.
+        Each maker runs once on a worker thread (serializing a block never holds up the caller)."""
         if not items:
             return True
         with self._lock:
@@ -138,17 +140,18 @@ class RedisKVStore:
         self.stats.fetch_ms = [*self.stats.fetch_ms[-255:], 1000 * (time.perf_counter() - started)]
         return found
 
-    async def _put(self, items: list[tuple[bytes, bytes]]) -> None:
+    async def _put(self, items: list[tuple[bytes, ValueMaker]]) -> None:
         try:
             if self.breaker_open:
                 raise RedisError("breaker open")
+            made = await self._loop.run_in_executor(None, lambda: [make() for _, make in items])
             async with self._client.pipeline(transaction=False) as pipe:
-                for key, value in items:
+                for (key, _), value in zip(items, made, strict=True):
                     pipe.set(key, value, nx=True)
                 await asyncio.wait_for(pipe.execute(), self.config.timeout_s)
             self._succeeded()
             self.stats.writes += len(items)
-            self.stats.bytes_written += sum(len(v) for _, v in items)
+            self.stats.bytes_written += sum(len(v) for v in made)
         except (TimeoutError, RedisError, OSError):
             self._failed()
             self.stats.dropped_writes += len(items)

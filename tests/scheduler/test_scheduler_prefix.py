@@ -5,7 +5,7 @@ publish what they computed."""
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,8 +32,8 @@ class ScriptedRemote:
         self.fetches.append((tuple(contents), future))
         return future
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> bool:
-        self.stored.update(items)
+    def put(self, items: Sequence[tuple[bytes, Callable[[], bytes]]]) -> bool:
+        self.stored.update((content, make()) for content, make in items)
         return True
 
 
@@ -73,6 +73,7 @@ def test_a_request_waiting_for_redis_lets_others_run_then_starts_from_what_came(
     writer.add(hashed(make_request(0, num_prompt=14, max_tokens=3)))
     step(writer, writer_verifier)  # it asks Redis first: nothing there
     remote.fetches[0][1].set_result([None] * 3)
+    writer.wait_for_fetches(timeout_s=5)
     run(writer, writer_verifier)
     assert len(remote.stored) == 3
 
@@ -85,6 +86,7 @@ def test_a_request_waiting_for_redis_lets_others_run_then_starts_from_what_came(
     assert sched.requests[0].status is Status.WAITING and sched.requests[0].blocks is None
     (asked, future), *_ = remote.fetches
     future.set_result([remote.stored.get(c) for c in asked])
+    sched.wait_for_fetches(timeout_s=5)  # the values are checked on a worker thread
     step(sched, verifier)
     mine = [i for i in verifier.items if i.request_id == 0]
     assert mine[0].num_cached == 12 and mine[0].token_ids.tolist() == [12, 13]
@@ -107,6 +109,7 @@ def test_a_redis_miss_computes_the_whole_prompt() -> None:
     step(sched, verifier)
     (asked, future), *_ = remote.fetches
     future.set_result([None] * len(asked))
+    sched.wait_for_fetches(timeout_s=5)
     run(sched, verifier)
     assert verifier.items[0].num_cached == 0 and sched.requests[0].cached_tokens == 0
 
@@ -133,3 +136,15 @@ def test_a_preempted_request_is_readmitted_from_its_own_published_blocks() -> No
     assert again, "the preempted request recomputed its prompt instead of reusing its blocks"
     assert all(r.cached_tokens == 0 for r in sched.requests.values())  # counted at first admission only
     assert prefix.stats.local_hits > 0
+
+
+def test_a_store_that_raises_is_a_miss_not_a_hang() -> None:
+    remote = ScriptedRemote()
+    sched, verifier, prefix = scheduler(remote)
+    sched.add(hashed(make_request(0, num_prompt=14, max_tokens=3)))
+    step(sched, verifier)
+    remote.fetches[0][1].set_exception(ConnectionError("boom"))
+    sched.wait_for_fetches(timeout_s=5)
+    run(sched, verifier)
+    assert sched.requests[0].cached_tokens == 0
+    assert prefix.stats.rejected == {"store failed: ConnectionError": 1}
