@@ -30,7 +30,7 @@ class RemoteKV(Protocol):
 
     def fetch(self, contents: Sequence[bytes]) -> concurrent.futures.Future[list[bytes | None]]: ...
 
-    def put(self, items: Sequence[tuple[bytes, Callable[[], bytes]]]) -> bool: ...
+    def put(self, items: Sequence[tuple[bytes, Callable[[], bytes]]], nbytes: int) -> bool: ...
 
 
 Checked = BlockKV | str | None  # a block's KV, why its value was refused, or no value
@@ -129,7 +129,8 @@ class PrefixCache:
         if self.remote is None or not fresh:
             return
         items = [(c, partial(kv_codec.encode, self._meta(c, i), self._read(b))) for b, c, i in fresh]
-        if self.remote.put(items):
+        block_bytes = self.pool.kv.layout.bytes_per_token() * self.pool.block_size
+        if self.remote.put(items, block_bytes * len(items)):
             self.stats.published += len(items)
 
     def _meta(self, content: bytes, index: int) -> BlockMeta:

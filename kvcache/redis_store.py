@@ -35,7 +35,7 @@ class RedisTierConfig:
     max_connections: int = 8
     breaker_failures: int = 3  # failures in a row that open the breaker
     breaker_cooldown_s: float = 5.0  # how long it stays open before one probe
-    max_pending_writes: int = 256  # blocks queued for writing; more are dropped (counted)
+    max_pending_bytes: int = 256 * 2**20  # KV queued for writing; more is dropped (counted)
 
 
 @dataclass
@@ -64,8 +64,8 @@ class RedisKVStore:
         self.stats = TierStats()
         self._failures = 0
         self._open_until = 0.0  # monotonic time the breaker stays open until (0 = closed)
-        self._pending_writes = 0
-        self._lock = threading.Lock()  # guards _pending_writes (both threads change it)
+        self._pending_bytes = 0
+        self._lock = threading.Lock()  # guards _pending_bytes (both threads change it)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="covspec-redis", daemon=True)
         self._thread.start()
@@ -86,23 +86,25 @@ class RedisKVStore:
             return done
         return asyncio.run_coroutine_threadsafe(self._fetch(keys), self._loop)
 
-    def put(self, items: Sequence[tuple[bytes, ValueMaker]]) -> bool:
-        """Queue ``(content hash, value maker)`` writes; False when they were dropped instead.
+    def put(self, items: Sequence[tuple[bytes, ValueMaker]], nbytes: int) -> bool:
+        """Queue ``(content hash, value maker)`` writes holding about ``nbytes`` of KV; False when
+        they were dropped instead (breaker open, or the queue would pass ``max_pending_bytes``).
         Each maker runs once on a worker thread (serializing a block never holds up the caller)."""
         if not items:
             return True
         with self._lock:
-            if self.breaker_open or self._pending_writes + len(items) > self.config.max_pending_writes:
+            if self.breaker_open or self._pending_bytes + nbytes > self.config.max_pending_bytes:
                 self.stats.dropped_writes += len(items)
                 return False
-            self._pending_writes += len(items)
-        asyncio.run_coroutine_threadsafe(self._put([(redis_key(c), v) for c, v in items]), self._loop)
+            self._pending_bytes += nbytes
+        writes = [(redis_key(c), v) for c, v in items]
+        asyncio.run_coroutine_threadsafe(self._put(writes, nbytes), self._loop)
         return True
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Wait until queued writes are done (tests and benchmarks; the engine never waits)."""
         deadline = time.monotonic() + timeout_s
-        while self._pending_writes and time.monotonic() < deadline:
+        while self._pending_bytes and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def close(self) -> None:
@@ -140,7 +142,7 @@ class RedisKVStore:
         self.stats.fetch_ms = [*self.stats.fetch_ms[-255:], 1000 * (time.perf_counter() - started)]
         return found
 
-    async def _put(self, items: list[tuple[bytes, ValueMaker]]) -> None:
+    async def _put(self, items: list[tuple[bytes, ValueMaker]], nbytes: int) -> None:
         try:
             if self.breaker_open:
                 raise RedisError("breaker open")
@@ -157,7 +159,7 @@ class RedisKVStore:
             self.stats.dropped_writes += len(items)
         finally:
             with self._lock:
-                self._pending_writes -= len(items)
+                self._pending_bytes -= nbytes
 
     def _failed(self) -> None:
         self.stats.errors += 1

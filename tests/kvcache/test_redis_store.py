@@ -32,7 +32,7 @@ def h(i: int) -> bytes:
 
 def test_written_values_come_back_and_missing_ones_are_none(server: LocalRedis) -> None:
     store = store_for(server.url)
-    assert store.put([(h(1), lambda: b"one"), (h(2), lambda: b"two")])
+    assert store.put([(h(1), lambda: b"one"), (h(2), lambda: b"two")], 100)
     store.flush()
     assert store.fetch([h(1), h(3), h(2)]).result(timeout=2) == [b"one", None, b"two"]
     assert (store.stats.writes, store.stats.hits, store.stats.lookups) == (2, 2, 3)
@@ -42,9 +42,9 @@ def test_written_values_come_back_and_missing_ones_are_none(server: LocalRedis) 
 
 def test_a_value_is_written_once_and_never_overwritten(server: LocalRedis) -> None:
     store = store_for(server.url)
-    store.put([(h(1), lambda: b"first")])
+    store.put([(h(1), lambda: b"first")], 100)
     store.flush()
-    store.put([(h(1), lambda: b"second")])
+    store.put([(h(1), lambda: b"second")], 100)
     store.flush()
     assert redis.Redis.from_url(server.url).get(redis_key(h(1))) == b"first"
     store.close()
@@ -59,7 +59,7 @@ def test_redis_absent_is_a_miss_and_opens_the_breaker() -> None:
     assert store.fetch([h(1)]).result(timeout=2) == [None]  # answered without asking
     assert time.perf_counter() - started < 0.05
     assert store.stats.skipped == 1
-    assert not store.put([(h(1), lambda: b"x")])
+    assert not store.put([(h(1), lambda: b"x")], 100)
     assert store.stats.dropped_writes == 1
     store.close()
 
@@ -74,7 +74,7 @@ def test_the_breaker_closes_again_once_redis_answers(server: LocalRedis) -> None
     finally:
         server.process.send_signal(signal.SIGCONT)
     time.sleep(0.3)
-    store.put([(h(1), lambda: b"back")])
+    store.put([(h(1), lambda: b"back")], 100)
     store.flush()
     assert store.fetch([h(1)]).result(timeout=2) == [b"back"]
     assert not store.breaker_open
@@ -95,7 +95,7 @@ def test_a_paused_redis_times_out_quickly(server: LocalRedis) -> None:
 
 def test_redis_killed_mid_run_turns_into_misses(server: LocalRedis) -> None:
     store = store_for(server.url)
-    store.put([(h(1), lambda: b"one")])
+    store.put([(h(1), lambda: b"one")], 100)
     store.flush()
     assert store.fetch([h(1)]).result(timeout=2) == [b"one"]
     server.process.kill()
@@ -106,7 +106,7 @@ def test_redis_killed_mid_run_turns_into_misses(server: LocalRedis) -> None:
 
 
 def test_a_full_write_queue_drops_writes_and_counts_them(server: LocalRedis) -> None:
-    store = RedisKVStore(RedisTierConfig(server.url, max_pending_writes=2))
-    assert not store.put([(h(i), lambda: b"x") for i in range(3)])
+    store = RedisKVStore(RedisTierConfig(server.url, max_pending_bytes=1000))
+    assert not store.put([(h(i), lambda: b"x") for i in range(3)], 1001)
     assert store.stats.dropped_writes == 3
     store.close()

@@ -32,7 +32,7 @@ class ScriptedRemote:
         self.fetches.append((tuple(contents), future))
         return future
 
-    def put(self, items: Sequence[tuple[bytes, Callable[[], bytes]]]) -> bool:
+    def put(self, items: Sequence[tuple[bytes, Callable[[], bytes]]], nbytes: int) -> bool:
         self.stored.update((content, make()) for content, make in items)
         return True
 
