@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -68,6 +68,13 @@ class PrefixCacheSettings(Strict):
         default_factory=list,
         description="system prompts whose KV every tenant may share (published personas)",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url {url!r} must start with redis://, rediss:// or unix://")
+        return url
 
 
 class ServeSettings(Strict):

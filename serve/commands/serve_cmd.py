@@ -57,7 +57,10 @@ def _serve(args: argparse.Namespace) -> int:
     cache = settings.prefix_cache
     redis = None if cache.redis_url or os.environ.get("REDIS_URL") or not cache.enabled else start_redis()
     redis_url = cache.redis_url or os.environ.get("REDIS_URL") or (redis.url if redis else None)
-    settings = settings.model_copy(update={"prefix_cache": cache.model_copy(update={"redis_url": redis_url})})
+    cache = type(cache).model_validate(
+        {**cache.model_dump(), "redis_url": redis_url}
+    )  # checks $REDIS_URL too
+    settings = settings.model_copy(update={"prefix_cache": cache})
     started_ray = not os.environ.get("RAY_ADDRESS")
     try:
         context = ray.init(address=os.environ.get("RAY_ADDRESS"), dashboard_host="127.0.0.1")

@@ -45,6 +45,8 @@ def test_cluster_engine_autoscales_on_gpus() -> None:
         ({"engine": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas (3) exceeds"),
         ({"max_in_flight": 0}, "max_in_flight"),
         ({"polcy": "none"}, "polcy"),
+        ({"prefix_cache": {"redis_url": "localhost:6379"}}, "must start with redis://"),
+        ({"prefix_cache": {"public_system_prompt": []}}, "prefix_cache.public_system_prompt"),
     ],
 )
 def test_mistakes_are_refused_with_their_path(args: dict[str, object], where: str) -> None:
