@@ -10,12 +10,13 @@ A request may name a LoRA adapter (its user's); its tokens then go through that 
 same forwards as everyone else's (``models.multi_lora``). A LoRA changes the drafter's KV, so KV
 lives in the namespace of the adapter it was computed with: each request's blocks are private and
 tagged with its adapter, which the request pins (never evicted or replaced) until the drafter
-releases it. The drafter's prefix cache (``drafter_pool.prefix``) keys shared prompt blocks by
-that adapter's weights and the compression too.
+releases it. The drafter's prefix cache (a ``kvcache.PrefixCache`` of its own pool, no Redis)
+keys shared prompt blocks by that adapter's weights and the compression too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ from core.sampling import SamplingParams, probs_from_logits
 from core.tree import ROOT, DraftTree
 from drafter_pool.adapters import AdapterError, AdapterRegistry
 from drafter_pool.compression import get_compressor
-from drafter_pool.prefix import DrafterPrefixCache
 from drafter_pool.tree_search import TreeGrower, TreeShape
+from kvcache.block_hash import prompt_block_hashes
 from kvcache.block_pool import BlockPool, IntegrityError
+from kvcache.prefix_cache import PrefixCache
 from kvcache.sequence_blocks import SequenceBlocks
 from models.loader import LoadedModel, fingerprint
 from models.multi_lora import NO_ADAPTER, LoraBatch
@@ -94,8 +96,9 @@ class DrafterPool:
         self.adapters = adapters
         self.pool = BlockPool(model.decoder.kv_layout(num_blocks, block_size))
         self.compression = compression
-        model_id = fingerprint(model, self.pool.kv.layout.dtype) if prefix_cache else b""
-        self.prefix = DrafterPrefixCache(self.pool, model_id) if prefix_cache else None
+        self.prefix = (
+            PrefixCache(self.pool, fingerprint(model, self.pool.kv.layout.dtype)) if prefix_cache else None
+        )
         self.encoder = PromptEncoder(model)
         self.shape = shape or TreeShape()
         self.compress = get_compressor(compression)
@@ -165,7 +168,9 @@ class DrafterPool:
             state.blocks.commit(seq.num_new, range(seq.num_new))  # frees the tree's blocks ...
             if self.prefix is not None:
                 b = state.blocks
-                state.published = self.prefix.publish(b.blocks, state.hashes, state.published, b.num_tokens)
+                state.published = self.prefix.publish_completed(
+                    b.blocks, state.hashes, state.published, b.num_tokens
+                )
             state.blocks.reserve(self._max_tree_rows(req))  # ... and takes them back for the levels
             state.num_outputs = len(req.output_ids)
             state.next_position = int(seq.positions[-1]) + 1
@@ -221,8 +226,11 @@ class DrafterPool:
         if state.adapter is not None and self.adapters is not None:
             digest = self.adapters.registered[state.adapter].digest
         ratio = req.budget.compression if req.budget.compression < 1 else 1.0
-        state.hashes = self.prefix.hashes(req.prompt, prompt, digest, f"{self.compression}:{ratio}")
-        cached = self.prefix.acquire(state.hashes, prompt.num_tokens + outputs)
+        kv_identity = [self.prefix.model, digest.encode(), f"{self.compression}:{ratio}".encode()]
+        namespace = hashlib.sha256(b"\0".join(kv_identity)).digest()
+        state.hashes = prompt_block_hashes(req.prompt, prompt, self.pool.block_size, namespace)
+        usable = (prompt.num_tokens + outputs - 1) // self.pool.block_size  # the last token is computed
+        cached = self.prefix.local(state.hashes[:usable])
         state.blocks, state.published = SequenceBlocks.from_cached(self.pool, cached), len(cached)
         return state.blocks.num_tokens
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.prompt import EncodedPrompt, Prompt
+
 HASH_VERSION = b"covspec-kv-block-v1"
 ROOT = bytes(32)  # the parent of a prompt's first block
 
@@ -82,3 +84,15 @@ def block_hashes(
         parent = h.digest()
         out.append(parent)
     return tuple(out)
+
+
+def prompt_block_hashes(
+    prompt: Prompt, encoded: EncodedPrompt, block_size: int, model: bytes
+) -> tuple[bytes, ...]:
+    """Hashes of the full blocks of ``encoded`` (one model's rows of ``prompt``), in the prompt's
+    tenant namespace and, up to its public tokens, the public one; ``model`` names whatever the
+    KV depends on besides the rows (weights, dtype, a drafter's adapter and compression)."""
+    scope = CacheScope(model, tenant_salt(prompt.tenant), encoded.public_rows(prompt))
+    rows = zip(encoded.image_rows, prompt.digests, strict=True)
+    images = [ImageRows(start, n, digest) for (start, n), digest in rows]
+    return block_hashes(encoded.token_ids.tolist(), images, block_size, scope)

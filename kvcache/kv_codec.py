@@ -22,6 +22,7 @@ MAGIC = b"CVKV"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
 _DIGEST = 32
+_AS_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> raw view
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,7 @@ class BlockKV:
 
 def _raw(t: torch.Tensor) -> bytes:
     flat = t.detach().contiguous().cpu().reshape(-1)
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    return bytes(flat.view(as_int).numpy().tobytes())
+    return bytes(flat.view(_AS_INT[flat.element_size()]).numpy().tobytes())
 
 
 def encode(meta: BlockMeta, kv: BlockKV) -> bytes:
@@ -89,6 +89,5 @@ def decode(data: bytes, meta: BlockMeta) -> BlockKV | str:
     payload = body[_PREFIX.size + header_len :]
     if len(payload) != 2 * size:
         return f"payload of {len(payload)} bytes, expected {2 * size}"
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[elem]
-    raw = torch.frombuffer(bytearray(payload), dtype=as_int).view(lay.dtype)
+    raw = torch.frombuffer(bytearray(payload), dtype=_AS_INT[elem]).view(lay.dtype)
     return BlockKV(raw[: size // elem].view(shape), raw[size // elem :].view(shape))

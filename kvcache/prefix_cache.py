@@ -74,9 +74,13 @@ class PrefixCache:
         self.stats.local_hits += len(blocks)
         return blocks
 
-    def start_fetch(self, contents: Sequence[bytes], first: int) -> Fetch | None:
-        """Ask Redis for ``contents[first:]``; None without a remote tier or nothing to ask."""
-        if self.remote is None or first >= len(contents):
+    def start_fetch(self, contents: Sequence[bytes]) -> Fetch | None:
+        """Ask Redis for the blocks of ``contents`` past the locally cached prefix; None without a
+        remote tier or when the pool holds them all."""
+        if self.remote is None:
+            return None
+        first = len(self.pool.lookup(contents))
+        if first >= len(contents):
             return None
         wanted = tuple(contents[first:])
         metas = [self._meta(c, first + i) for i, c in enumerate(wanted)]
@@ -120,6 +124,17 @@ class PrefixCache:
         self.stats.loads += 1
         self.stats.load_ms = [*self.stats.load_ms[-255:], 1000 * (time.perf_counter() - fetch.started)]
         return loaded
+
+    def publish_completed(
+        self, table: Sequence[int], contents: Sequence[bytes], published: int, committed: int
+    ) -> int:
+        """Publish the prompt blocks a sequence completed since ``published`` (blocks of its
+        block ``table`` that its ``committed`` tokens fill and ``contents`` has hashes for);
+        returns the new count of published blocks."""
+        full = min(committed // self.pool.block_size, len(contents))
+        if full > published:
+            self.publish([(table[i], contents[i], i) for i in range(published, full)])
+        return max(full, published)
 
     def publish(self, blocks: Sequence[tuple[int, bytes, int]]) -> None:
         """Index ``(block, content hash, block index in the prompt)`` computed here; offer them

@@ -19,7 +19,7 @@ from core.prompt import EncodedPrompt, Prompt
 from core.protocols import Drafter, Verifier
 from core.sampling import SamplingParams
 from core.verify import VerifyItem
-from kvcache.block_hash import CacheScope, ImageRows, block_hashes, tenant_salt
+from kvcache.block_hash import prompt_block_hashes
 from scheduler.request import RequestState
 from scheduler.scheduler import Scheduler
 
@@ -119,11 +119,7 @@ class Engine:
         prefix = self.scheduler.prefix
         if prefix is None:
             return ()
-        scope = CacheScope(prefix.model, tenant_salt(prompt.tenant), encoded.public_rows(prompt))
-        rows = zip(encoded.image_rows, prompt.digests, strict=True)
-        images = [ImageRows(start, n, digest) for (start, n), digest in rows]
-        ids = encoded.token_ids.tolist()
-        return block_hashes(ids, images, self.scheduler.pool.block_size, scope)
+        return prompt_block_hashes(prompt, encoded, self.scheduler.pool.block_size, prefix.model)
 
     def abort(self, request_id: int) -> RequestOutput | None:
         self._tracking.pop(request_id, None)

@@ -233,7 +233,7 @@ class Scheduler:
             return local + loaded
         if not req.fetched:
             req.fetched = True
-            req.fetch = self.prefix.start_fetch(usable, len(self.pool.lookup(usable)))
+            req.fetch = self.prefix.start_fetch(usable)
             if req.fetch is not None:
                 return None
         return self.prefix.local(usable)
@@ -241,11 +241,11 @@ class Scheduler:
     def _publish(self, req: RequestState) -> None:
         """Offer the prompt blocks ``req`` completed since the last call to the prefix cache."""
         assert req.blocks is not None
-        full = min(req.blocks.num_tokens // self.pool.block_size, len(req.block_hashes))
-        if self.prefix is not None and full > req.published:
-            done = range(req.published, full)
-            self.prefix.publish([(req.blocks.blocks[i], req.block_hashes[i], i) for i in done])
-            req.published = full
+        if self.prefix is not None:
+            b = req.blocks
+            req.published = self.prefix.publish_completed(
+                b.blocks, req.block_hashes, req.published, b.num_tokens
+            )
 
     def _attach_trees(
         self, sampling: list[tuple[RequestState, int]], budget: DraftBudget, tokens_left: int

@@ -79,9 +79,9 @@ def test_drafter_prompt_blocks_are_shared_only_within_one_adapter_and_compressio
         (prompts[3], "u1", 0.5),  # other visual tokens kept: no hit
         (prompts[4], None, 1.0),  # the base drafter: no hit
     ]:  # fmt: skip
-        before = cache.hits
+        before = cache.stats.local_hits
         (out,) = run_checked(built.engine, [prompt], [SamplingParams(max_tokens=16)], [ratio], [user])
-        hits.append(cache.hits - before)
+        hits.append(cache.stats.local_hits - before)
         s = turns[len(hits) - 1]
         assert out.token_ids == tuple(oracle.greedy(s.question.text, s.image(), s.system, 16))
     assert hits[0] == 0 and hits[1] > 0 and hits[2:] == [0, 0, 0]
