@@ -116,25 +116,6 @@ class EngineMetrics:
             self.prefix.sample(sched.prefix, sched.pool.num_cached_blocks)
 
 
-class AdapterMetrics:
-    """Adapter loads and evictions, from the registry's running counts (wherever it lives: the
-    engine replica, or the DrafterPool deployment)."""
-
-    def __init__(self) -> None:
-        m = _metrics()
-        self.loads = m.Counter("covspec_adapter_loads", description="adapters written into a slot")
-        self.evictions = m.Counter("covspec_adapter_evictions", description="adapters evicted (LRU)")
-        self._seen = (0, 0)
-
-    def sample(self, registry: Any) -> None:
-        loads, evictions = registry.stats.loads, registry.stats.evictions
-        if loads > self._seen[0]:
-            self.loads.inc(loads - self._seen[0])
-        if evictions > self._seen[1]:
-            self.evictions.inc(evictions - self._seen[1])
-        self._seen = (loads, evictions)
-
-
 class _Increments:
     """A Ray counter fed from a running total read now and then."""
 
@@ -147,6 +128,24 @@ class _Increments:
         if new > 0:
             self.counter.inc(new, tags=tags)
         self._seen[key] = total
+
+
+class AdapterMetrics:
+    """Adapter loads and evictions, from the registry's running counts (wherever it lives: the
+    engine replica, or the DrafterPool deployment)."""
+
+    def __init__(self) -> None:
+        m = _metrics()
+        self.loads = _Increments(
+            m.Counter("covspec_adapter_loads", description="adapters written into a slot")
+        )
+        self.evictions = _Increments(
+            m.Counter("covspec_adapter_evictions", description="adapters evicted (LRU)")
+        )
+
+    def sample(self, registry: Any) -> None:
+        self.loads.to(registry.stats.loads)
+        self.evictions.to(registry.stats.evictions)
 
 
 class PrefixMetrics:

@@ -1,15 +1,18 @@
-"""Shared by the serving tests, built once per session: random-weight target and drafters, and the
-real Ray Serve application on the shipped tiny models."""
+"""Shared by the serving tests: built once per session, random-weight target and drafters and the
+real Ray Serve application on the shipped tiny models; a stand-in for Ray's metrics API."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from models.synthetic import RandomLlavaSpec, build_random_llava
+from serve import metrics as metrics_module
 from serve.local_redis import LocalRedis, start_redis
 from serve.settings import PrefixCacheSettings, ServeSettings
 from tests.serve.engine_helpers import Oracle, noisy_copy
@@ -80,3 +83,27 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
         serve.shutdown()
         ray.shutdown()
         redis.stop()
+
+
+@dataclass
+class Recorded:
+    name: str
+    values: list[tuple[float, dict[str, str]]] = field(default_factory=list)
+
+    def inc(self, value: float = 1, tags: dict[str, str] | None = None) -> None:
+        self.values.append((value, tags or {}))
+
+    observe = set = inc
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, Recorded]:
+    made: dict[str, Recorded] = {}
+
+    def make(name: str, **_: Any) -> Recorded:
+        made[name] = Recorded(name)
+        return made[name]
+
+    fake = SimpleNamespace(Counter=make, Gauge=make, Histogram=make)
+    monkeypatch.setattr(metrics_module, "_metrics", lambda: fake)
+    return made

@@ -6,35 +6,16 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
-from serve import metrics as metrics_module
 from serve.metrics import EngineMetrics, GatewayMetrics
-from tests.serve.test_metrics import Recorded
+from tests.serve.conftest import Recorded
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "covspec-serve.json"
 
 
-def recorded_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    made: dict[str, Recorded] = {}
-
-    def make(name: str, **_: object) -> Recorded:
-        made[name] = Recorded(name)
-        return made[name]
-
-    fake = type(
-        "FakeMetrics",
-        (),
-        {"Counter": staticmethod(make), "Gauge": staticmethod(make), "Histogram": staticmethod(make)},
-    )
-    monkeypatch.setattr(metrics_module, "_metrics", lambda: fake)
+def test_every_panel_queries_a_recorded_metric(recorded: dict[str, Recorded]) -> None:
     EngineMetrics()
     GatewayMetrics()
-    return set(made)
-
-
-def test_every_panel_queries_a_recorded_metric(monkeypatch: pytest.MonkeyPatch) -> None:
-    names = recorded_names(monkeypatch)
+    names = set(recorded)
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(dashboard["panels"]) >= 10 and exprs

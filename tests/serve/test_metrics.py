@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -12,32 +10,8 @@ from core.plan import RequestStats
 from kvcache.prefix_cache import PrefixStats
 from kvcache.redis_store import TierStats
 from scheduler.engine import Completion, StepTotals
-from serve import metrics as metrics_module
 from serve.metrics import EngineMetrics, GatewayMetrics
-
-
-@dataclass
-class Recorded:
-    name: str
-    values: list[tuple[float, dict[str, str]]] = field(default_factory=list)
-
-    def inc(self, value: float = 1, tags: dict[str, str] | None = None) -> None:
-        self.values.append((value, tags or {}))
-
-    observe = set = inc
-
-
-@pytest.fixture
-def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, Recorded]:
-    made: dict[str, Recorded] = {}
-
-    def make(name: str, **_: Any) -> Recorded:
-        made[name] = Recorded(name)
-        return made[name]
-
-    fake = SimpleNamespace(Counter=make, Gauge=make, Histogram=make)
-    monkeypatch.setattr(metrics_module, "_metrics", lambda: fake)
-    return made
+from tests.serve.conftest import Recorded
 
 
 def test_finished_request_feeds_latency_tau_and_speculation_counters(recorded: dict[str, Recorded]) -> None:
