@@ -229,8 +229,7 @@ class DrafterPool:
         kv_identity = [self.prefix.model, digest.encode(), f"{self.compression}:{ratio}".encode()]
         namespace = hashlib.sha256(b"\0".join(kv_identity)).digest()
         state.hashes = prompt_block_hashes(req.prompt, prompt, self.pool.block_size, namespace)
-        usable = (prompt.num_tokens + outputs - 1) // self.pool.block_size  # the last token is computed
-        cached = self.prefix.local(state.hashes[:usable])
+        cached = self.prefix.local(self.prefix.reusable(state.hashes, prompt.num_tokens + outputs))
         state.blocks, state.published = SequenceBlocks.from_cached(self.pool, cached), len(cached)
         return state.blocks.num_tokens
 

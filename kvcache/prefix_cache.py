@@ -67,6 +67,11 @@ class PrefixCache:
         # checks and decodes fetched values (a checksum over every byte) off the engine thread
         self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="covspec-kv-decode")
 
+    def reusable(self, contents: Sequence[bytes], num_tokens: int) -> Sequence[bytes]:
+        """The leading block hashes of a sequence of ``num_tokens`` that a cache may serve: its
+        last token is always computed (its logits start decoding or a draft tree)."""
+        return contents[: (num_tokens - 1) // self.pool.block_size]
+
     def local(self, contents: Sequence[bytes]) -> list[int]:
         """Acquired blocks holding the longest locally cached prefix of ``contents``."""
         blocks = self.pool.lookup(contents)

@@ -223,7 +223,7 @@ class Scheduler:
         most all but its last token (whose logits it needs); None while Redis is asked."""
         if self.prefix is None or not req.block_hashes:
             return []
-        usable = req.block_hashes[: (req.num_tokens - 1) // self.pool.block_size]
+        usable = self.prefix.reusable(req.block_hashes, req.num_tokens)
         if req.fetch is not None:
             if not req.fetch.future.done():
                 return None

@@ -57,9 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
     cache = settings.prefix_cache
     redis = None if cache.redis_url or os.environ.get("REDIS_URL") or not cache.enabled else start_redis()
     redis_url = cache.redis_url or os.environ.get("REDIS_URL") or (redis.url if redis else None)
-    cache = type(cache).model_validate(
-        {**cache.model_dump(), "redis_url": redis_url}
-    )  # checks $REDIS_URL too
+    # validated again, so a $REDIS_URL that is no Redis URL fails here too
+    cache = type(cache).model_validate({**cache.model_dump(), "redis_url": redis_url})
     settings = settings.model_copy(update={"prefix_cache": cache})
     started_ray = not os.environ.get("RAY_ADDRESS")
     try:
