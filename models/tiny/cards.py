@@ -21,14 +21,21 @@ def _metrics_table(m: dict[str, Any]) -> str:
     return "\n".join(["| question kind | accuracy |", "| --- | ---: |", *rows])
 
 
+def _phase(p: dict[str, Any]) -> str:
+    extras = ["bf16 autocast"] if p["bf16"] else []
+    if p.get("lookup"):
+        terms = ", ".join(f"{name} {w:g}" for name, w in p["lookup"].items() if w)
+        extras.append(f"lookup supervision: {terms}")
+    if p.get("focus"):
+        extras.append(f"{p['focus']:.0%} of turns colour / where / exists")
+    return f"{p['steps']} steps at peak lr {p['lr']:g}" + (f" ({'; '.join(extras)})" if extras else "")
+
+
 def target_card(summary: dict[str, Any]) -> str:
     r, m = summary["recipe"]["target"], summary["metrics"]
     minutes = summary["total_train_seconds"] / 60
     sched = summary["recipe"]["schedule"]
-    phases = " then ".join(
-        f"{p['steps']} steps at peak lr {p['lr']:g}" + (" (bf16 autocast)" if p["bf16"] else "")
-        for p in sched["target_phases"]
-    )
+    phases = " then ".join(_phase(p) for p in sched["target_phases"])
     return f"""# tiny-target
 
 The verifier VLM of CoVSpec Serve's demo: a LLaVA-format model (`LlavaForConditionalGeneration`)
@@ -42,8 +49,11 @@ trained from scratch on ShapesWorld (`models/tiny/`), rebuilt by `covspec train-
   seeds lie below 1,000,000,000; evaluation seeds at or above it.
 - Training: vision tower pretrained on per-patch labels (grid cell, and the shape, colour and size
   there), then frozen; the projector and language model trained on multi-turn conversations in
-  {phases}; about {minutes:.0f} minutes for the whole family on 2 CPU cores. Loss curves:
-  `../tiny-train-loss.png`, `../tiny-train-log.json`.
+  {phases}; about {minutes:.0f} minutes for the whole family on 2 CPU cores. Lookup supervision
+  (`models/tiny/lookup.py`) teaches one layer-0 head to look from a word naming a shape or colour
+  to the cells holding it, and that layer's output to carry what is there: without it the model
+  found objects by grid cell but not by what they are. Loss curves: `../tiny-train-loss.png`,
+  `../tiny-train-log.json`.
 
 ## Evaluation
 

@@ -37,12 +37,26 @@ DRAFTER = ModelSize(
 
 
 @dataclass(frozen=True)
+class LookupWeights:
+    """Weights of the lookup supervision's terms (``models/tiny/lookup.py``; 0 = off)."""
+
+    attention: float = 1.0  # where one layer-0 head looks from a word naming a shape / colour
+    value: float = 1.0  # what that layer's output at the word holds (a probe reads it)
+    lens: float = 0.0  # ... read as output words through the model's own unembedding
+
+
+LOOKUP_KINDS = ("color", "where", "exists")  # the question kinds that look an object up by content
+
+
+@dataclass(frozen=True)
 class TargetPhase:
     """One VLM training phase of the target: a fresh AdamW, warm-up and cosine decay."""
 
     steps: int
     lr: float  # peak
     bf16: bool = False  # matmuls under bfloat16 autocast (~1.5x faster steps on CPUs with avx512_bf16)
+    lookup: LookupWeights | None = None  # lookup supervision added to the loss; None = off
+    focus: float = 0.0  # share of turns asking a LOOKUP_KINDS question (the rest: any kind)
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,13 @@ class Schedule:
         TargetPhase(1500, 1.5e-3),
         TargetPhase(800, 6e-4),
         TargetPhase(3000, 5e-4, bf16=True),
+        # lookup by content (colour of the X, where is the X, is there an X): phases 4-8 as piloted
+        # in session 15, each step of the way measured (see models/tiny/lookup.py)
+        TargetPhase(500, 5e-4, bf16=True, lookup=LookupWeights()),
+        TargetPhase(600, 3e-4, bf16=True, lookup=LookupWeights()),
+        TargetPhase(500, 3e-4, bf16=True, lookup=LookupWeights(lens=1.0)),
+        TargetPhase(500, 5e-4, bf16=True, lookup=LookupWeights(lens=1.0), focus=0.75),
+        TargetPhase(500, 3e-4, bf16=True, lookup=LookupWeights(lens=1.0), focus=0.5),
     )
     snapshot_every: int = 500  # target steps between in-training checkpoints (to follow progress)
     target_batch: int = 16

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.tiny.data import Batch, ChatEncoder
+from models.tiny.lookup import LookupLoss
 from models.tiny.personas import DEMO_USERS
-from models.tiny.recipe import ModelSize, Schedule
+from models.tiny.recipe import LOOKUP_KINDS, ModelSize, Schedule
 from models.tiny.samples import EVAL_SEED_START, Sample, make_sample
 from models.tiny.world import COLORS, SHAPES, SIZES, render, sample_scene
 from models.training import IGNORE, lr_at
@@ -118,8 +119,21 @@ def lm_loss(model: Any, batch: Batch) -> torch.Tensor:
     return loss
 
 
-def conversation(seed: int, persona: str | None, turns: int) -> list[Sample]:
-    return [make_sample(seed, persona, turn=t) for t in range(turns)]
+def conversation(
+    seed: int, persona: str | None, turns: int, rng: random.Random | None = None, focus: float = 0.0
+) -> list[Sample]:
+    """``turns`` questions about seed's scene; with ``focus``, each turn asks one of
+    ``LOOKUP_KINDS`` with that probability (drawn from ``rng``), when the scene supports it."""
+    if not focus or rng is None:
+        return [make_sample(seed, persona, turn=t) for t in range(turns)]
+    out = []
+    for t in range(turns):
+        kind = rng.choice(LOOKUP_KINDS) if rng.random() < focus else None
+        try:
+            out.append(make_sample(seed, persona, kind, turn=t))
+        except ValueError:  # e.g. no shape occurs once, so no "what color is the X?"
+            out.append(make_sample(seed, persona, turn=t))
+    return out
 
 
 def train_target(
@@ -135,21 +149,28 @@ def train_target(
     ``snapshot(step)`` is called every ``sched.snapshot_every`` steps and not after the last."""
     spec = sched.target_phases[phase]
     rng = random.Random(seed + 1 + 1000 * phase)
+    lookup = LookupLoss(model, encoder, spec.lookup) if spec.lookup is not None else None
 
     def loss_fn(step: int) -> torch.Tensor:
         convs = []
         for _ in range(sched.target_batch):
             persona = rng.choice(DEMO_USERS) if rng.random() < sched.persona_share else None
-            convs.append(conversation(rng.randrange(EVAL_SEED_START), persona, sched.turns))
+            convs.append(conversation(rng.randrange(EVAL_SEED_START), persona, sched.turns, rng, spec.focus))
         batch = encoder.batch(convs)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
-            return lm_loss(model, batch)
+            if lookup is None:
+                return lm_loss(model, batch)
+            with lookup.capturing():
+                loss = lm_loss(model, batch)
+            extra = lookup(batch, convs)
+            return loss if extra is None else loss + extra
 
     def after_step(step: int) -> None:
         if snapshot is not None and (step + 1) % sched.snapshot_every == 0 and step + 1 < spec.steps:
             snapshot(step + 1)
 
-    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": spec.lr}]
+    trained = [p for p in model.parameters() if p.requires_grad] + (lookup.parameters() if lookup else [])
+    params = [{"params": trained, "lr": spec.lr}]
     name = "target" if phase == 0 else f"target-phase{phase + 1}"
     run_steps(name, params, spec.steps, loss_fn, log, after_step)
 
