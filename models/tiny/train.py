@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.tiny.data import Batch, ChatEncoder
-from models.tiny.lookup import LookupLoss
+from models.tiny.lookup import LookupLoss, patch_cells
 from models.tiny.personas import DEMO_USERS
 from models.tiny.recipe import LOOKUP_KINDS, ModelSize, Schedule
 from models.tiny.samples import EVAL_SEED_START, Sample, make_sample
@@ -89,9 +89,7 @@ def pretrain_vision(
     and size, so each visual token states what is where before any language model sees it."""
     splits = [len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, 9]
     heads = torch.nn.Linear(size.vision_hidden, sum(splits))
-    grid = 72 // size.patch_size
-    rows_cols = [(r, c) for r in range(grid) for c in range(grid)]
-    cell_of_patch = torch.tensor([(r * 3 // grid) * 3 + c * 3 // grid for r, c in rows_cols])
+    cell_of_patch = patch_cells(size.visual_tokens)
     rng = random.Random(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
