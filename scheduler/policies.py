@@ -22,6 +22,7 @@ class StepLoad:
     num_sampling: int  # requests that emit a token this step
     prefill_tokens: int  # prompt (or recompute) tokens of the step
     drafter_kv_used: float = 0.0  # fraction of the drafter's KV pool in use (0 without a drafter)
+    undrafted_tokens: int = 0  # tokens of sampling requests the drafter holds no KV for yet
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class StepRecord:
     tree_nodes: int  # of which draft-tree nodes
     draft_ms: float  # the drafter's proposals for the whole step (0 without trees)
     verify_ms: float  # the target's forward and acceptance
+    drafter_prefill: int = 0  # tokens the drafter built KV for (requests' first trees), in draft_ms
 
 
 class DraftPolicy(Protocol):
@@ -125,15 +127,19 @@ class LoadAwareDraft:
       curve of the target (one sequence) scaled, plus what each request adds (packing, masks,
       acceptance) and what each tree node adds beyond a prompt token (ancestor masks, padded
       queries: B short sequences cost more than one long one);
-    - ``draft_ms ~ depth * (d + e * B)``: one drafter forward per level, plus each request's
-      share of it (its inputs, its tree's bookkeeping), which the drafter's calibrated curve
-      (one sequence of B * rows tokens) does not see.
+    - ``draft_ms ~ depth * (d + e * B) + p * prefill``: one drafter forward per level, plus each
+      request's share of it (its inputs, its tree's bookkeeping), which the drafter's calibrated
+      curve (one sequence of B * rows tokens) does not see, plus the tokens the drafter encodes
+      for requests whose first tree this is (their vision tower and prompt).
 
-    A step's prompt tokens cost the same whatever its trees, so the choice is made as for a
-    decode step of the same B: counting their cost in the rate would make any tree look cheap
-    next to them, when its drafting and verifying really take as long as in a decode step. Such
-    a step also carries the drafter's prefill of newly admitted requests when it drafts, which
-    decode steps do not show, so there trees must beat plain decoding by ``prompt_margin``.
+    That last term is paid once per request, not per step, so step rates do not show it: a budget
+    with trees commits every request admitted under it to its drafter prefill. Each such budget is
+    therefore charged ``p * R * B * tau``: the drafter's prefill of the prompt tokens behind the
+    tokens the step emits, R being the prompt tokens per emitted token over recent steps (an
+    answer of 48 tokens after a 120-token prompt: 2.5). With long prompts and short answers
+    under load this is what tips plain decoding ahead. A step's prompt tokens cost the same
+    whatever its trees, so the choice is made as for a decode step of the same B: counting their
+    cost in the rate would make any tree look cheap next to them.
 
     The fits start from the calibrated curves and follow every measured step, weighing relative
     errors (a 10 ms decode step counts as much as a 100 ms prompt step), so trees shrink as the
@@ -144,7 +150,8 @@ class LoadAwareDraft:
     prediction, so it gets tried when the prediction says it is best). Every ``explore_every``-th
     decode step tries a neighbour of the best budget (one smaller, one larger, alternately) when
     it is predicted to be nearly as good, so the acceptance at depths next to the chosen one
-    stays measured where the choice is close.
+    stays measured where the choice is close; trying a tree counts the drafter's prefill of the
+    requests it holds no KV for, which that one step pays in full.
 
     r follows the drafter's KV use: a request the drafter has no room for drafts nothing, so as
     its pool fills, new requests keep fewer visual tokens (fewer KV entries each, a lower tau:
@@ -161,24 +168,24 @@ class LoadAwareDraft:
     explore_every: int = 8  # decode steps between tries of a neighbouring budget (0: never)
     explore_margin: float = 0.3  # ... if it is predicted within this fraction of the best
     min_measured_steps: int = 4  # decode steps of a budget at a load before its correction counts
-    prompt_margin: float = 0.1  # in a step with prompt tokens, trees must beat plain by this much
+    ratio_decay: float = 0.98  # per step, for the prompt tokens per emitted token
     measured: MeasuredRates = field(default_factory=MeasuredRates)
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(max(d for _, d in self.candidates))
         self.verify_fit = OnlineLinearFit(prior=(1.0, 0.0, 0.0))
-        self.draft_fit = OnlineLinearFit(prior=(self.cost.drafter(1), 0.0))
+        # prefill prior: a 128-token drafter forward's cost per token (the vision tower comes on top)
+        self.draft_fit = OnlineLinearFit(prior=(self.cost.drafter(1), 0.0, self.cost.drafter(128) / 128))
         self._decode_steps = 0
         self._step_tokens = 0  # tokens this step's requests emitted (from observe)
+        self._prompt_tokens = self._emitted_tokens = 0.0  # decayed sums over steps: R's terms
 
     def budget(self, load: StepLoad) -> DraftBudget:
         b = max(load.num_sampling, 1)
         rates = {c: self._rate(b, *c) for c in self.candidates}
         best = max(self.candidates, key=rates.__getitem__)
         if not load.prefill_tokens:
-            best = self._explore(rates, best)
-        elif (0, 0) in rates and rates[best] < (1 + self.prompt_margin) * rates[(0, 0)]:
-            best = (0, 0)  # newcomers' drafter prefill rides on this step too: trees must clearly win
+            best = self._explore(load, rates, best)
         return DraftBudget(max_nodes=best[0], max_depth=best[1]) if best[0] else NO_DRAFT
 
     def compression(self, load: StepLoad) -> float:
@@ -195,7 +202,10 @@ class LoadAwareDraft:
     def observe_step(self, record: StepRecord) -> None:
         b, depth = record.load.num_sampling, record.budget.max_depth
         tokens, self._step_tokens = self._step_tokens, 0
-        step_ms = record.draft_ms + record.verify_ms
+        self._prompt_tokens = self.ratio_decay * self._prompt_tokens + record.load.prefill_tokens
+        self._emitted_tokens = self.ratio_decay * self._emitted_tokens + tokens
+        # the drafter's prefill is charged per request (see _rate), not to the step it fell in
+        step_ms = max(record.draft_ms - self.prefill_ms(record.drafter_prefill), 0.0) + record.verify_ms
         if b and not record.load.prefill_tokens and step_ms > 0:
             key = (record.budget.max_nodes, depth)
             self.measured.add(load_bucket(b), key, tokens / step_ms, self._predicted_rate(b, *key))
@@ -203,25 +213,45 @@ class LoadAwareDraft:
             features = (self.cost.verifier(record.verify_tokens), b, record.tree_nodes)
             self.verify_fit.add(features, record.verify_ms, weight=relative(record.verify_ms))
         if depth and record.tree_nodes:  # the drafter ran (not only for requests still in prefill)
-            self.draft_fit.add((depth, depth * b), record.draft_ms, weight=relative(record.draft_ms))
+            features = (depth, depth * b, record.drafter_prefill)
+            self.draft_fit.add(features, record.draft_ms, weight=relative(record.draft_ms))
 
     def step_ms(self, b: int, nodes: int, depth: int) -> float:
-        """Predicted milliseconds of a decode step of ``b`` requests with trees of this budget."""
+        """Predicted milliseconds of a decode step of ``b`` requests with trees of this budget
+        (no drafter prefill in it)."""
         verify = self.verify_fit.predict((self.cost.verifier(b * (1 + nodes)), b, b * nodes))
-        return verify + (self.draft_fit.predict((depth, depth * b)) if nodes else 0.0)
+        return verify + (self.draft_fit.predict((depth, depth * b, 0)) if nodes else 0.0)
+
+    def prefill_ms(self, tokens: float) -> float:
+        """What the drafter's prefill of ``tokens`` prompt tokens costs, from its fit."""
+        return max(self.draft_fit.weights[2], 0.0) * tokens
+
+    @property
+    def prompt_per_token(self) -> float:
+        """R: prompt tokens per emitted token over recent steps (0 before any token)."""
+        return self._prompt_tokens / self._emitted_tokens if self._emitted_tokens else 0.0
 
     def _predicted_rate(self, b: int, nodes: int, depth: int) -> float:
         return b * self.acceptance.expected_tokens(depth) / max(self.step_ms(b, nodes, depth), 1e-6)
 
     def _rate(self, b: int, nodes: int, depth: int) -> float:
-        """Tokens per millisecond of a decode step: predicted, times what this budget delivered
-        against its predictions at this load (untried there: the prediction as it is)."""
+        """Tokens per millisecond at this load: the decode step's predicted time, corrected by
+        what this budget delivered against its predictions at this load (untried there: the
+        prediction as it is), plus, with trees, the drafter prefill behind the step's tokens."""
         correction = self.measured.correction(load_bucket(b), (nodes, depth), self.min_measured_steps)
-        return self._predicted_rate(b, nodes, depth) * (1.0 if correction is None else correction)
+        tokens = b * self.acceptance.expected_tokens(depth)
+        ms = self.step_ms(b, nodes, depth) / (1.0 if correction is None else max(correction, 1e-6))
+        if nodes:
+            ms += self.prefill_ms(self.prompt_per_token * tokens)
+        return tokens / max(ms, 1e-6)
 
-    def _explore(self, rates: dict[tuple[int, int], float], best: tuple[int, int]) -> tuple[int, int]:
+    def _explore(
+        self, load: StepLoad, rates: dict[tuple[int, int], float], best: tuple[int, int]
+    ) -> tuple[int, int]:
         """``best``, or on every ``explore_every``-th decode step a neighbour of it whose rate is
-        within ``explore_margin`` of it (a clearly worse one teaches nothing worth its cost)."""
+        within ``explore_margin`` of it (a clearly worse one teaches nothing worth its cost). A
+        neighbour with trees also pays, this step, the drafter's prefill of every request it
+        holds no KV for: after plain decoding under load, that is all of them."""
         self._decode_steps += 1
         if not self.explore_every or self._decode_steps % self.explore_every:
             return best
@@ -230,7 +260,11 @@ class LoadAwareDraft:
         if not neighbours:
             return best
         pick = neighbours[(self._decode_steps // self.explore_every) % len(neighbours)]
-        return pick if rates[pick] >= (1 - self.explore_margin) * rates[best] else best
+        rate = rates[pick]
+        if pick[0] and load.undrafted_tokens:
+            tokens = max(load.num_sampling, 1) * self.acceptance.expected_tokens(pick[1])
+            rate = tokens / (tokens / max(rate, 1e-9) + self.prefill_ms(load.undrafted_tokens))
+        return pick if rate >= (1 - self.explore_margin) * rates[best] else best
 
 
 POLICIES: dict[str, Callable[..., Any]] = {"none": NoDraft, "fixed": FixedDraft, "load_aware": LoadAwareDraft}

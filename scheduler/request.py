@@ -44,6 +44,7 @@ class RequestState:
     published: int = 0  # leading prompt blocks already in the prefix cache (found or offered)
     fetch: Fetch | None = None  # a Redis lookup in flight: the request waits for it
     fetched: bool = False  # Redis was asked (once per admission)
+    drafted: bool = False  # the drafter holds this request's KV (built by its first tree)
     # computes ``encoded`` with its visual embeddings (the vision tower) the first time a chunk
     # needs them; None once done or when ``encoded`` came complete. A prompt whose image rows
     # all come from a prefix cache never runs the vision tower.

@@ -60,6 +60,7 @@ class Scheduler:
         self._budgets: dict[int, DraftBudget] = {}
         self._last_step: tuple[StepLoad, DraftBudget] | None = None
         self._verify_tokens = self._tree_nodes = 0  # tokens of the last verified step, its tree nodes
+        self._drafter_prefill = 0  # tokens the drafter builds KV for this step (first trees)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -115,12 +116,13 @@ class Scheduler:
         is left of the token budget; a tree is only drafted for an item that samples. The budget
         carries the policy's r unless the request pinned its own; the drafter applies it when it
         builds the request's KV."""
-        self._budgets = {}
+        self._budgets, self._drafter_prefill = {}, 0
         running, tokens_left = self._schedule_running()
         sampling = [(r, n) for r, n in running if n == r.num_missing]
         waiting_tokens = min(sum(r.num_missing for r in self.waiting), tokens_left)
         prefill = sum(n for _, n in running) - len(sampling) + waiting_tokens
-        load = StepLoad(len(sampling), prefill, self.drafter_kv_used())
+        undrafted = sum(r.num_tokens for r, _ in sampling if not r.drafted)
+        load = StepLoad(len(sampling), prefill, self.drafter_kv_used(), undrafted)
         budget = replace(self.policy.budget(load), compression=self.policy.compression(load))
         self._last_step = (load, budget)
         drafts, tokens_left = self._attach_trees(sampling, budget, tokens_left)
@@ -162,7 +164,15 @@ class Scheduler:
         """Tell the policy how long the step just updated took to draft and to verify."""
         if self._last_step is not None:
             load, budget = self._last_step
-            record = StepRecord(load, budget, self._verify_tokens, self._tree_nodes, draft_ms, verify_ms)
+            record = StepRecord(
+                load,
+                budget,
+                self._verify_tokens,
+                self._tree_nodes,
+                draft_ms,
+                verify_ms,
+                self._drafter_prefill,
+            )
             self.policy.observe_step(record)
 
     def check_integrity(self) -> None:
@@ -258,6 +268,8 @@ class Scheduler:
                 req.blocks.reserve(n + fitted.max_nodes)
                 tokens_left -= fitted.max_nodes
                 self._budgets[req.request_id] = fitted
+                if not req.drafted:  # the drafter encodes everything before the tree's root first
+                    self._drafter_prefill, req.drafted = self._drafter_prefill + req.num_tokens, True
                 output = tuple(req.output_ids)
                 drafts.append(
                     DraftRequest(req.request_id, req.prompt, output, fitted, req.sampling, req.adapter)
@@ -281,7 +293,7 @@ class Scheduler:
         req.blocks.release()
         req.blocks, req.status = None, Status.WAITING
         req.preemptions += 1
-        req.fetched = False
+        req.fetched = req.drafted = False
         self.running.remove(req)
         self.waiting.appendleft(req)
         self.on_release(req.request_id)

@@ -8,6 +8,7 @@ import torch
 from core.forward_batch import SequenceInput, pack
 from core.kv import KVLayout, PagedKVCache
 from models.attention import ATTENTION_BACKENDS, SdpaBackend, get_backend
+from models.attention.grouping import split_by_query_len
 
 
 def test_registry_lists_sdpa_and_flash_attn() -> None:
@@ -26,11 +27,7 @@ def test_flash_attn_without_gpu_is_a_clear_error() -> None:
 
 
 def test_sdpa_matches_naive_attention_with_gqa_and_tree_mask() -> None:
-    torch.manual_seed(0)
-    layout = KVLayout(num_layers=1, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8)
-    kv = PagedKVCache(layout)
-    kv.keys.normal_()
-    kv.values.normal_()
+    kv = _random_pool(num_blocks=8, seed=0)
     mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
     seqs = [
         SequenceInput(torch.zeros(3, dtype=torch.long), torch.arange(3), (6, 1), 5, attention_mask=mask),
@@ -43,6 +40,46 @@ def test_sdpa_matches_naive_attention_with_gqa_and_tree_mask() -> None:
     expected = [_naive(q[i], kv, (6, 1), 5 + (i + 1), mask[i], 5) for i in range(3)]
     expected.append(_naive(q[3], kv, (3,), 3, torch.tensor([True]), 2))
     assert torch.allclose(out, torch.stack(expected), atol=1e-5)
+
+
+def test_a_prompt_chunk_among_decode_rows_gets_its_own_call() -> None:
+    # 12 queries next to one- and three-token rows: padding all to 12 would be 4x the work
+    assert split_by_query_len([1, 12, 3, 1], [40, 30, 41, 39]) == [[0, 2, 3], [1]]
+
+
+def test_similar_query_lengths_stay_in_one_call() -> None:
+    assert split_by_query_len([1, 3, 2, 1], [40, 30, 41, 39]) == [[0, 1, 2, 3]]
+    assert split_by_query_len([5], [9]) == [[0]]
+
+
+def test_sdpa_split_batch_matches_naive_attention_in_packed_order() -> None:
+    kv = _random_pool(num_blocks=16, seed=1)
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    seqs = [  # a tree, a 12-token prompt chunk after 2 cached tokens, a decode row: two groups
+        SequenceInput(torch.zeros(3, dtype=torch.long), torch.arange(3), (6, 1), 5, attention_mask=tree),
+        SequenceInput(torch.zeros(12, dtype=torch.long), torch.arange(12), (2, 8, 9, 10), 2),
+        SequenceInput(torch.zeros(1, dtype=torch.long), torch.arange(1), (3,), 2),
+    ]
+    batch = pack(seqs, 4)
+    q = torch.randn(16, 4, 8)
+    backend = SdpaBackend()
+    meta = backend.prepare(batch, scale=8**-0.5)
+    assert len(meta.groups) == 2
+    out = backend.attend(q, kv, 0, meta)
+    expected = [_naive(q[i], kv, (6, 1), 5 + i + 1, tree[i], 5) for i in range(3)]
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    expected += [_naive(q[3 + i], kv, (2, 8, 9, 10), 2 + i + 1, causal[i, : i + 1], 2) for i in range(12)]
+    expected.append(_naive(q[15], kv, (3,), 3, torch.tensor([True]), 2))
+    assert torch.allclose(out, torch.stack(expected), atol=1e-5)
+
+
+def _random_pool(num_blocks: int, seed: int) -> PagedKVCache:
+    """One layer, blocks of 4, 2 KV heads of 8 dims, random keys and values."""
+    torch.manual_seed(seed)
+    kv = PagedKVCache(KVLayout(num_layers=1, num_blocks=num_blocks, block_size=4, num_kv_heads=2, head_dim=8))
+    kv.keys.normal_()
+    kv.values.normal_()
+    return kv
 
 
 def _naive(

@@ -232,7 +232,7 @@ def test_load_aware_learns_that_drafting_costs_more_than_its_forwards() -> None:
     draft, verify = _as_predicted(policy, 4)
     chosen = _run_steps(policy, load, 40, lambda budget: 8 * draft(budget), verify)
     assert chosen[-1] == NO_DRAFT
-    assert policy.draft_fit.predict((1, 4)) > 4 * policy.cost.drafter(1)
+    assert policy.draft_fit.predict((1, 4, 0)) > 4 * policy.cost.drafter(1)
 
 
 def test_load_aware_learns_each_requests_share_of_drafting() -> None:
@@ -269,6 +269,18 @@ def test_load_aware_tries_a_neighbour_every_explore_every_decode_steps() -> None
     assert [p for i, p in enumerate(picks) if i not in (2, 6)] == [best] * 6
     with_prompt = StepLoad(1, prefill_tokens=30)
     assert {policy.budget(with_prompt) for _ in range(8)} == {best}  # prompt steps do not explore
+
+
+def test_load_aware_explores_a_tree_only_where_the_drafters_prefill_is_affordable() -> None:
+    # 32 requests under plain decoding: a tree would first make the drafter encode 32 prompts
+    policy = LoadAwareDraft(
+        cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=2, explore_margin=0.9
+    )
+    policy.draft_fit.weights[2] = 0.05  # ms per prompt token the drafter encodes
+    fresh = StepLoad(32, 0, undrafted_tokens=32 * 120)  # ~190 ms of drafter prefill
+    assert {policy.budget(fresh) for _ in range(8)} == {NO_DRAFT}
+    drafted = StepLoad(32, 0)  # the drafter already holds every request's KV
+    assert {policy.budget(drafted) for _ in range(8)} == {NO_DRAFT, DraftBudget(2, 2)}
 
 
 def test_online_fit_starts_at_its_prior() -> None:
@@ -369,14 +381,33 @@ def test_load_aware_scales_a_budgets_prediction_by_its_measured_correction_at_th
     assert policy.budget(StepLoad(2, 0)) == DraftBudget(2, 2)  # another load: untouched
 
 
-@pytest.mark.parametrize(("advantage", "prompt_step_drafts"), [(1.05, False), (1.2, True)])
-def test_load_aware_drafts_in_prompt_steps_only_when_trees_clearly_win(
-    advantage: float, prompt_step_drafts: bool
+@pytest.mark.parametrize(("prompt_per_token", "drafts"), [(0.5, True), (4.0, False)])
+def test_load_aware_charges_each_requests_drafter_prefill_to_its_tokens(
+    prompt_per_token: float, drafts: bool
 ) -> None:
+    # trees deliver 1.2x plain decoding's tokens per ms in decode steps; each request's first
+    # tree also makes the drafter encode its prompt: 0.05 ms per token (learned), R prompt tokens
+    # per emitted token. R = 0.5 adds ~5 % to a tree step (trees still win), R = 4 ~40 %
     policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=0)
-    plain, tree = policy._rate(4, 0, 0), policy._rate(4, 2, 2)
-    for _ in range(4):  # measured: trees deliver ``advantage`` x what plain decoding is predicted to
-        policy.measured.add(load_bucket(4), (2, 2), measured=advantage * plain, predicted=tree)
-    assert policy.budget(StepLoad(4, 0)) == DraftBudget(2, 2)  # decode step: any advantage counts
-    with_prompt = policy.budget(StepLoad(4, prefill_tokens=30))
-    assert with_prompt == (DraftBudget(2, 2) if prompt_step_drafts else NO_DRAFT)
+    plain, tree = policy._rate(16, 0, 0), policy._rate(16, 2, 2)
+    for _ in range(4):
+        policy.measured.add(load_bucket(16), (2, 2), measured=1.2 * plain, predicted=tree)
+    assert policy.budget(StepLoad(16, 0)) == DraftBudget(2, 2)  # no prompts seen yet: R = 0
+    policy.draft_fit.weights[2] = 0.05
+    policy.observe_step(StepRecord(StepLoad(0, int(prompt_per_token * 100)), NO_DRAFT, 0, 0, 0.0, 0.0))
+    policy._step_tokens = 100  # this step's requests emitted 100 tokens (what observe counts)
+    policy.observe_step(StepRecord(StepLoad(16, 0), NO_DRAFT, 16, 0, 0.0, 10.0))
+    assert policy.prompt_per_token == pytest.approx(prompt_per_token, rel=0.03)
+    assert (policy.budget(StepLoad(16, 0)) == DraftBudget(2, 2)) is drafts
+    assert policy.budget(StepLoad(16, prefill_tokens=200)) == policy.budget(StepLoad(16, 0))
+
+
+def test_load_aware_learns_the_drafters_prefill_per_token_apart_from_its_levels() -> None:
+    policy = LoadAwareDraft(cost=_steep_cost(), explore_every=0)
+    verify = _as_predicted(policy, 4)[1]
+    for i in range(60):  # a level costs 1 ms; a new request's prompt 0.05 ms per token
+        load, budget, prefill = StepLoad(4, 0), DraftBudget(2, 2), 120 * (i % 3 == 0)
+        ms = 2 * 1.0 + 0.05 * prefill
+        policy.observe_step(StepRecord(load, budget, 12, 8, ms, verify(budget), drafter_prefill=prefill))
+    assert policy.prefill_ms(100) == pytest.approx(5.0, rel=0.05)
+    assert policy.step_ms(4, 2, 2) == pytest.approx(verify(DraftBudget(2, 2)) + 2.0, rel=0.05)

@@ -9,7 +9,7 @@ import pytest
 
 from core.draft import DraftBudget
 from scheduler.cost import CostCurve, CostModel
-from scheduler.policies import DraftPolicy, FixedDraft, LoadAwareDraft, NoDraft
+from scheduler.policies import DraftPolicy, FixedDraft, LoadAwareDraft, NoDraft, StepRecord
 from scheduler.request import Status
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from tests.scheduler.fakes import (
@@ -139,6 +139,34 @@ def test_preemption_under_pressure_gives_the_same_outputs(policy: DraftPolicy) -
         assert sched.pool.num_free_blocks == num_blocks
     assert outputs[10] == outputs[64]
     assert outputs[64] == {rid: (expected_outputs(p, max_tokens), "length") for rid, p in enumerate(prompts)}
+
+
+class _RecordingFixed(FixedDraft):
+    def __init__(self) -> None:
+        super().__init__(nodes=4)
+        self.records: list[StepRecord] = []
+
+    def observe_step(self, record: StepRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("num_blocks", [64, 10], ids=["roomy", "preempting"])
+def test_drafter_prefill_counts_each_requests_tokens_at_its_first_tree(num_blocks: int) -> None:
+    policy = _RecordingFixed()
+    sched, verifier = _scheduler(num_blocks, policy)
+    _workload(sched, [6, 7, 5, 6], 12)
+    drafter, preempted = ChainDrafter(right=2), 0
+    while sched.has_unfinished():
+        before = {r.request_id: r.preemptions for r in sched.running}
+        step(sched, verifier, drafter)
+        sched.record_step_time(draft_ms=1.0, verify_ms=1.0)
+        preempted += sum(sched.requests[rid].preemptions > n for rid, n in before.items())
+    prefills = sum(r.drafter_prefill for r in policy.records)
+    assert (preempted > 0) == (num_blocks == 10)
+    if not preempted:
+        assert prefills == 6 + 7 + 5 + 6  # each prompt once, before its first tree
+    else:
+        assert prefills > 6 + 7 + 5 + 6  # a preempted request's drafter encodes it all again
 
 
 def test_preempted_request_recomputes_its_prompt_in_chunks() -> None:
