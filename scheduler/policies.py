@@ -130,7 +130,10 @@ class LoadAwareDraft:
     - ``draft_ms ~ depth * (d + e * B) + p * prefill``: one drafter forward per level, plus each
       request's share of it (its inputs, its tree's bookkeeping), which the drafter's calibrated
       curve (one sequence of B * rows tokens) does not see, plus the tokens the drafter encodes
-      for requests whose first tree this is (their vision tower and prompt).
+      for requests whose first tree this is (their vision tower and prompt). The levels are
+      fitted on steps without such prefill and p on what they leave of the others: one fit of
+      both would split a lone first step's time between them anyhow (a single user's first
+      step taught it 4.5 ms per level, and it never drafted again).
 
     That last term is paid once per request, not per step, so step rates do not show it: a budget
     with trees commits every request admitted under it to its drafter prefill. Each such budget is
@@ -141,8 +144,10 @@ class LoadAwareDraft:
     whatever its trees, so the choice is made as for a decode step of the same B: counting their
     cost in the rate would make any tree look cheap next to them.
 
-    The fits start from the calibrated curves and follow every measured step, weighing relative
-    errors (a 10 ms decode step counts as much as a 100 ms prompt step), so trees shrink as the
+    The fits start from the calibrated curves and follow every measured decode step (a prompt
+    step's tokens would pass their curve's errors on to the tree nodes beside them: one first
+    step of a single user made each node look 1.8 ms dear), weighing relative errors (a 10 ms
+    step counts as much as a 50 ms one), so trees shrink as the
     batch grows as fast as this machine makes them pay. Where a budget rarely runs (a tree for
     many requests) the fits are pulled by the loads where it runs often, so each decode step also
     records its measured and predicted tokens per millisecond per (load bucket, budget); their
@@ -174,8 +179,10 @@ class LoadAwareDraft:
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(max(d for _, d in self.candidates))
         self.verify_fit = OnlineLinearFit(prior=(1.0, 0.0, 0.0))
-        # prefill prior: a 128-token drafter forward's cost per token (the vision tower comes on top)
-        self.draft_fit = OnlineLinearFit(prior=(self.cost.drafter(1), 0.0, self.cost.drafter(128) / 128))
+        self.draft_fit = OnlineLinearFit(prior=(self.cost.drafter(1), 0.0))  # from steps without prefill
+        # ms per token the drafter encodes, from what the levels leave of steps with prefill; prior:
+        # a 128-token drafter forward's cost per token (the vision tower comes on top)
+        self.prefill_fit = OnlineLinearFit(prior=(self.cost.drafter(128) / 128,))
         self._decode_steps = 0
         self._step_tokens = 0  # tokens this step's requests emitted (from observe)
         self._prompt_tokens = self._emitted_tokens = 0.0  # decayed sums over steps: R's terms
@@ -209,22 +216,24 @@ class LoadAwareDraft:
         if b and not record.load.prefill_tokens and step_ms > 0:
             key = (record.budget.max_nodes, depth)
             self.measured.add(load_bucket(b), key, tokens / step_ms, self._predicted_rate(b, *key))
-        if record.verify_tokens:
+        if record.verify_tokens and not record.load.prefill_tokens:  # decode steps are what it predicts
             features = (self.cost.verifier(record.verify_tokens), b, record.tree_nodes)
             self.verify_fit.add(features, record.verify_ms, weight=relative(record.verify_ms))
-        if depth and record.tree_nodes:  # the drafter ran (not only for requests still in prefill)
-            features = (depth, depth * b, record.drafter_prefill)
-            self.draft_fit.add(features, record.draft_ms, weight=relative(record.draft_ms))
+        if depth and record.tree_nodes and record.drafter_prefill:  # the levels' fit stays clean:
+            rest = max(record.draft_ms - self.draft_fit.predict((depth, depth * b)), 0.0)  # one step
+            self.prefill_fit.add((record.drafter_prefill,), rest, weight=relative(rest))  # cannot split
+        elif depth and record.tree_nodes:  # the drafter ran (not only for requests still in prefill)
+            self.draft_fit.add((depth, depth * b), record.draft_ms, weight=relative(record.draft_ms))
 
     def step_ms(self, b: int, nodes: int, depth: int) -> float:
         """Predicted milliseconds of a decode step of ``b`` requests with trees of this budget
         (no drafter prefill in it)."""
         verify = self.verify_fit.predict((self.cost.verifier(b * (1 + nodes)), b, b * nodes))
-        return verify + (self.draft_fit.predict((depth, depth * b, 0)) if nodes else 0.0)
+        return verify + (self.draft_fit.predict((depth, depth * b)) if nodes else 0.0)
 
     def prefill_ms(self, tokens: float) -> float:
         """What the drafter's prefill of ``tokens`` prompt tokens costs, from its fit."""
-        return max(self.draft_fit.weights[2], 0.0) * tokens
+        return self.prefill_fit.predict((tokens,))
 
     @property
     def prompt_per_token(self) -> float:

@@ -232,7 +232,7 @@ def test_load_aware_learns_that_drafting_costs_more_than_its_forwards() -> None:
     draft, verify = _as_predicted(policy, 4)
     chosen = _run_steps(policy, load, 40, lambda budget: 8 * draft(budget), verify)
     assert chosen[-1] == NO_DRAFT
-    assert policy.draft_fit.predict((1, 4, 0)) > 4 * policy.cost.drafter(1)
+    assert policy.draft_fit.predict((1, 4)) > 4 * policy.cost.drafter(1)
 
 
 def test_load_aware_learns_each_requests_share_of_drafting() -> None:
@@ -271,12 +271,25 @@ def test_load_aware_tries_a_neighbour_every_explore_every_decode_steps() -> None
     assert {policy.budget(with_prompt) for _ in range(8)} == {best}  # prompt steps do not explore
 
 
+def test_a_lone_first_step_with_the_drafters_prefill_leaves_the_level_cost_alone() -> None:
+    # a single user's first step: 2 levels (1 ms each) and a 120-token prompt (6 ms) in one time
+    policy = LoadAwareDraft(cost=_steep_cost(), explore_every=0)
+    first = policy.budget(StepLoad(1, 120))
+    verify = _as_predicted(policy, 1)[1](first)
+    policy.observe_step(
+        StepRecord(StepLoad(1, 120), first, 121 + first.max_nodes, first.max_nodes, 8.0, verify, 120)
+    )
+    assert policy.draft_fit.weights == [policy.cost.drafter(1), 0.0]  # the prior: no level was timed alone
+    assert policy.prefill_ms(120) > 2 * 120 * policy.cost.drafter(128) / 128  # toward the 6 ms seen
+    assert policy.budget(StepLoad(1, 0)) != NO_DRAFT  # so trees still look as cheap as they are
+
+
 def test_load_aware_explores_a_tree_only_where_the_drafters_prefill_is_affordable() -> None:
     # 32 requests under plain decoding: a tree would first make the drafter encode 32 prompts
     policy = LoadAwareDraft(
         cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=2, explore_margin=0.9
     )
-    policy.draft_fit.weights[2] = 0.05  # ms per prompt token the drafter encodes
+    policy.prefill_fit.weights[0] = 0.05  # ms per prompt token the drafter encodes
     fresh = StepLoad(32, 0, undrafted_tokens=32 * 120)  # ~190 ms of drafter prefill
     assert {policy.budget(fresh) for _ in range(8)} == {NO_DRAFT}
     drafted = StepLoad(32, 0)  # the drafter already holds every request's KV
@@ -393,7 +406,7 @@ def test_load_aware_charges_each_requests_drafter_prefill_to_its_tokens(
     for _ in range(4):
         policy.measured.add(load_bucket(16), (2, 2), measured=1.2 * plain, predicted=tree)
     assert policy.budget(StepLoad(16, 0)) == DraftBudget(2, 2)  # no prompts seen yet: R = 0
-    policy.draft_fit.weights[2] = 0.05
+    policy.prefill_fit.weights[0] = 0.05
     policy.observe_step(StepRecord(StepLoad(0, int(prompt_per_token * 100)), NO_DRAFT, 0, 0, 0.0, 0.0))
     policy._step_tokens = 100  # this step's requests emitted 100 tokens (what observe counts)
     policy.observe_step(StepRecord(StepLoad(16, 0), NO_DRAFT, 16, 0, 0.0, 10.0))
