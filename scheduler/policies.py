@@ -247,12 +247,26 @@ class LoadAwareDraft:
         """Tokens per millisecond at this load: the decode step's predicted time, corrected by
         what this budget delivered against its predictions at this load (untried there: the
         prediction as it is), plus, with trees, the drafter prefill behind the step's tokens."""
-        correction = self.measured.correction(load_bucket(b), (nodes, depth), self.min_measured_steps)
+        correction = self._correction(b, (nodes, depth))
         tokens = b * self.acceptance.expected_tokens(depth)
         ms = self.step_ms(b, nodes, depth) / (1.0 if correction is None else max(correction, 1e-6))
         if nodes:
             ms += self.prefill_ms(self.prompt_per_token * tokens)
         return tokens / max(ms, 1e-6)
+
+    def _correction(self, b: int, key: tuple[int, int]) -> float | None:
+        """Measured / predicted rate of ``key`` at this load; for a budget not measured there
+        yet, that of the nearest measured one (the predictions err alike for neighbouring trees:
+        taken as they are, every untried budget looked ~30 % better than it ran and was tried in
+        turn at each new load)."""
+        bucket, i = load_bucket(b), self.candidates.index(key)
+        by_distance = sorted(range(len(self.candidates)), key=lambda j: (abs(j - i), j))
+        for j in by_distance:
+            if bool(self.candidates[j][0]) == bool(key[0]):  # plain's error says nothing of trees'
+                found = self.measured.correction(bucket, self.candidates[j], self.min_measured_steps)
+                if found is not None:
+                    return found
+        return None
 
     def _explore(
         self, load: StepLoad, rates: dict[tuple[int, int], float], best: tuple[int, int]

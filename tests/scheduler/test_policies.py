@@ -394,6 +394,17 @@ def test_load_aware_scales_a_budgets_prediction_by_its_measured_correction_at_th
     assert policy.budget(StepLoad(2, 0)) == DraftBudget(2, 2)  # another load: untouched
 
 
+def test_an_untried_tree_borrows_the_nearest_measured_trees_correction_at_that_load() -> None:
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2), (4, 4), (8, 8)), explore_every=0)
+    for _ in range(4):  # 4-node trees ran at 60 % of their prediction at this load
+        policy.measured.add(load_bucket(1), (4, 4), measured=0.6, predicted=1.0)
+        policy.measured.add(load_bucket(1), (0, 0), measured=1.0, predicted=1.0)
+    for key in ((2, 2), (8, 8)):  # untried: taken to err as (4, 4) did, not at face value
+        assert policy._rate(1, *key) == pytest.approx(0.6 * policy._predicted_rate(1, *key), rel=1e-6)
+    assert policy._rate(1, 0, 0) == pytest.approx(policy._predicted_rate(1, 0, 0))
+    assert policy._rate(2, 8, 8) == pytest.approx(policy._predicted_rate(2, 8, 8))  # another load
+
+
 @pytest.mark.parametrize(("prompt_per_token", "drafts"), [(0.5, True), (4.0, False)])
 def test_load_aware_charges_each_requests_drafter_prefill_to_its_tokens(
     prompt_per_token: float, drafts: bool
