@@ -151,8 +151,9 @@ class LoadAwareDraft:
     batch grows as fast as this machine makes them pay. Where a budget rarely runs (a tree for
     many requests) the fits are pulled by the loads where it runs often, so each decode step also
     records its measured and predicted tokens per millisecond per (load bucket, budget); their
-    ratio corrects that budget's later predictions at that load (an untried one is taken at its
-    prediction, so it gets tried when the prediction says it is best). Every ``explore_every``-th
+    ratio corrects that budget's later predictions at that load (a tree not yet measured there
+    borrows the nearest measured tree's ratio; with none, it is taken at its prediction, so it
+    gets tried when the prediction says it is best). Every ``explore_every``-th
     decode step tries a neighbour of the best budget (one smaller, one larger, alternately) when
     it is predicted to be nearly as good, so the acceptance at depths next to the chosen one
     stays measured where the choice is close; trying a tree counts the drafter's prefill of the
