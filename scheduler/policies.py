@@ -246,8 +246,8 @@ class LoadAwareDraft:
 
     def _rate(self, b: int, nodes: int, depth: int) -> float:
         """Tokens per millisecond at this load: the decode step's predicted time, corrected by
-        what this budget delivered against its predictions at this load (untried there: the
-        prediction as it is), plus, with trees, the drafter prefill behind the step's tokens."""
+        what this budget delivered against its predictions at this load (see ``_correction``),
+        plus, with trees, the drafter prefill behind the step's tokens."""
         correction = self._correction(b, (nodes, depth))
         tokens = b * self.acceptance.expected_tokens(depth)
         ms = self.step_ms(b, nodes, depth) / (1.0 if correction is None else max(correction, 1e-6))
