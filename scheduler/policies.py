@@ -1,9 +1,10 @@
 """Draft budget per step, from a registry of policies (``none``, ``fixed``, ``load_aware``).
 
 A policy sees the step's load (how many requests sample a token, how many prompt tokens ride
-along, how full the drafter's KV pool is) and returns the tree budget every sampling request gets
-and the visual-token ratio r for requests whose drafter KV is built this step; it also hears back
-how many tree nodes were accepted, so adaptive policies can learn the acceptance rate.
+along, how full the drafter's KV pool is, how many tokens the drafter would first have to encode)
+and returns the tree budget every sampling request gets and the visual-token ratio r for requests
+whose drafter KV is built this step; it also hears back how many tree nodes were accepted and
+what the step cost (the drafter's prefill in it apart), so adaptive policies can learn both.
 """
 
 from __future__ import annotations
