@@ -56,9 +56,8 @@ def fuse_hf_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def project(
     linear: nn.Linear, x: torch.Tensor, lora: LoraBatch | None, layer: int, name: str
 ) -> torch.Tensor:
-    """``linear(x)`` plus each token's own LoRA delta for the projection ``name`` of ``layer``."""
-    out = linear(x)
-    return out if lora is None else lora.add_to(out, layer, name, x)
+    """``linear(x)`` with each token's own LoRA for the projection ``name`` of ``layer``."""
+    return linear(x) if lora is None else lora.project(linear, x, layer, name)
 
 
 class RMSNorm(nn.Module):

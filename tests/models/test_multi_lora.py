@@ -148,3 +148,56 @@ def test_lora_kernels_match_a_per_token_reference(
         w = None if slot == NO_ADAPTER else adapters[slot].weights.get((1, "o_proj"))
         expected = torch.zeros(cfg.hidden_size) if w is None else w.b @ (w.a @ x[row])
         assert torch.allclose(out[row], expected, atol=1e-5), (row, slot)
+
+
+def _delta_path(lora: Any, linear: Any, x: torch.Tensor, layer: int, projection: str) -> torch.Tensor:
+    """The same projection through base matmul + LoRA delta (the path mixed batches take)."""
+    return lora.add_to(linear(x), layer, projection, x)
+
+
+def test_single_adapter_forward_uses_merged_weights_equal_to_base_plus_delta(
+    drafter: Any, adapter_dirs: dict[str, Path]
+) -> None:
+    cfg = drafter.decoder.cfg
+    stack = MultiLora(cfg, slots=3, max_rank=8)
+    stack.load(1, load_adapter(adapter_dirs["all-r8"], cfg, max_rank=8))
+    stack.load(2, load_adapter(adapter_dirs["attn-r2"], cfg, max_rank=8))
+    x = torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    linear = drafter.decoder.layers[1].self_attn.qkv_proj
+    lora = stack.batch(torch.full((7,), 1))
+    assert lora is not None and lora.merged_slot == 1
+    with torch.inference_mode():
+        merged = lora.project(linear, x, 1, "self_attn.qkv_proj")
+        assert torch.allclose(merged, _delta_path(lora, linear, x, 1, "self_attn.qkv_proj"), atol=1e-5)
+        assert not torch.allclose(merged, linear(x), atol=1e-3)  # the adapter really applies
+    # two adapters, or base tokens beside adapter tokens: the delta path
+    assert stack.batch(torch.tensor([1, 1, 2])).merged_slot is None  # type: ignore[union-attr]
+    assert stack.batch(torch.tensor([1, NO_ADAPTER])).merged_slot is None  # type: ignore[union-attr]
+
+
+def test_reloading_a_slot_drops_its_merged_weights(drafter: Any, adapter_dirs: dict[str, Path]) -> None:
+    cfg = drafter.decoder.cfg
+    stack = MultiLora(cfg, slots=1, max_rank=8)
+    linear = drafter.decoder.layers[0].mlp.down_proj
+    x = torch.randn(4, cfg.intermediate_size, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for name in ("all-r8", "mlp-r4-rs"):  # the second replaces the first in slot 0
+        stack.load(0, load_adapter(adapter_dirs[name], cfg, max_rank=8))
+        lora = stack.batch(torch.zeros(4, dtype=torch.long))
+        assert lora is not None and lora.merged_slot == 0
+        with torch.inference_mode():
+            outs.append(lora.project(linear, x, 0, "mlp.down_proj"))
+            assert torch.allclose(outs[-1], _delta_path(lora, linear, x, 0, "mlp.down_proj"), atol=1e-5)
+    assert not torch.allclose(outs[0], outs[1], atol=1e-3)
+
+
+def test_a_drafter_too_big_for_the_merge_budget_keeps_the_delta_path(
+    drafter: Any, adapter_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.multi_lora as multi_lora
+
+    monkeypatch.setattr(multi_lora, "MERGED_BUDGET_BYTES", 1024)
+    stack = MultiLora(drafter.decoder.cfg, slots=2, max_rank=8)
+    stack.load(0, load_adapter(adapter_dirs["attn-r2"], drafter.decoder.cfg, max_rank=8))
+    assert not stack.merges
+    assert stack.batch(torch.zeros(3, dtype=torch.long)).merged_slot is None  # type: ignore[union-attr]
