@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from core.draft import NO_DRAFT, DraftBudget
 from scheduler.cost import CostModel, OnlineLinearFit
-from scheduler.throughput import MeasuredRates, load_bucket
+from scheduler.throughput import BudgetKey, MeasuredStepTimes, MeasuredTokens, load_bucket
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,9 @@ def relative(ms: float) -> float:
 @dataclass
 class LoadAwareDraft:
     """Pick the candidate budget with the most expected tokens per millisecond for this step:
-    ``B * tau(depth) / (verify_ms + draft_ms)``, tau from the acceptance seen so far and the
-    costs learned from the steps themselves:
+    ``B * tau / (verify_ms + draft_ms)``, tau what each request emitted per step under that
+    budget so far (before it has run, a chain estimate from the acceptance per depth of all
+    trees) and the costs learned from the steps themselves:
 
     - ``verify_ms ~ a * verifier(tokens) + b * B + c * nodes``: the calibrated forward-cost
       curve of the target (one sequence) scaled, plus what each request adds (packing, masks,
@@ -151,10 +152,12 @@ class LoadAwareDraft:
     step counts as much as a 50 ms one), so trees shrink as the
     batch grows as fast as this machine makes them pay. Where a budget rarely runs (a tree for
     many requests) the fits are pulled by the loads where it runs often, so each decode step also
-    records its measured and predicted tokens per millisecond per (load bucket, budget); their
-    ratio corrects that budget's later predictions at that load (a tree not yet measured there
-    borrows the nearest measured tree's ratio; with none, it is taken at its prediction, so it
-    gets tried when the prediction says it is best). Every ``explore_every``-th
+    records its measured and predicted milliseconds per (load bucket, budget); their ratio
+    corrects that budget's later predictions at that load (a tree not yet measured there borrows
+    the nearest measured tree's ratio; with none, it is taken at its prediction, so it gets tried
+    when the prediction says it is best). Times, not rates: a step's tokens swing with what its
+    few requests happened to accept, and a correction learned from rates chased that noise (a
+    single user moved between budgets of nearly equal worth). Every ``explore_every``-th
     decode step tries a neighbour of the best budget (one smaller, one larger, alternately) when
     it is predicted to be nearly as good, so the acceptance at depths next to the chosen one
     stays measured where the choice is close; trying a tree counts the drafter's prefill of the
@@ -166,17 +169,19 @@ class LoadAwareDraft:
     CPU, so with room to spare every visual token is kept."""
 
     cost: CostModel  # calibrated forward curves: the fits' starting point
-    # (nodes, depth); deep chains pay off once the drafter agrees often (single user, shipped
-    # models: depth <= 7 gave 1.54x plain decoding, 8-12 1.71x, measured side by side); a chain
-    # of 4 is the best fixed budget for 1-2 users when answers run on past their end
-    candidates: tuple[tuple[int, int], ...] = ((0, 0), (2, 2), (4, 4), (6, 6), (8, 8), (12, 10), (16, 12))
+    # (nodes, depth); wider than deep: with nodes to spare for the runner-up where the drafter
+    # hesitates, (8, 5) and (12, 6) ran 2.11x and 2.16x plain decoding for a single user with his
+    # adapter against 1.97x for the chain (8, 8) and 1.77x for (6, 6) (shipped models, side by side)
+    candidates: tuple[BudgetKey, ...] = ((0, 0), (2, 2), (4, 3), (6, 4), (8, 5), (12, 6), (16, 8))
     # (drafter KV use below which, r): the first row that applies wins; above all rows, the last r
     ratio_by_kv_use: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.8, 0.5), (1.0, 0.25))
     explore_every: int = 8  # decode steps between tries of a neighbouring budget (0: never)
     explore_margin: float = 0.3  # ... if it is predicted within this fraction of the best
     min_measured_steps: int = 4  # decode steps of a budget at a load before its correction counts
+    min_measured_requests: int = 8  # request steps of a budget before its own tau counts
     ratio_decay: float = 0.98  # per step, for the prompt tokens per emitted token
-    measured: MeasuredRates = field(default_factory=MeasuredRates)
+    measured: MeasuredStepTimes = field(default_factory=MeasuredStepTimes)
+    delivered: MeasuredTokens = field(default_factory=MeasuredTokens)
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(max(d for _, d in self.candidates))
@@ -207,6 +212,7 @@ class LoadAwareDraft:
         self._step_tokens += accepted_depth + 1  # the accepted nodes and the target's own token
         if budget.max_depth:
             self.acceptance.observe(budget.max_depth, accepted_depth)
+            self.delivered.add((budget.max_nodes, budget.max_depth), accepted_depth + 1)
 
     def observe_step(self, record: StepRecord) -> None:
         b, depth = record.load.num_sampling, record.budget.max_depth
@@ -217,7 +223,7 @@ class LoadAwareDraft:
         step_ms = max(record.draft_ms - self.prefill_ms(record.drafter_prefill), 0.0) + record.verify_ms
         if b and not record.load.prefill_tokens and step_ms > 0:
             key = (record.budget.max_nodes, depth)
-            self.measured.add(load_bucket(b), key, tokens / step_ms, self._predicted_rate(b, *key))
+            self.measured.add(load_bucket(b), key, step_ms, self.step_ms(b, *key))
         if record.verify_tokens and not record.load.prefill_tokens:  # decode steps are what it predicts
             features = (self.cost.verifier(record.verify_tokens), b, record.tree_nodes)
             self.verify_fit.add(features, record.verify_ms, weight=relative(record.verify_ms))
@@ -242,25 +248,30 @@ class LoadAwareDraft:
         """R: prompt tokens per emitted token over recent steps (0 before any token)."""
         return self._prompt_tokens / self._emitted_tokens if self._emitted_tokens else 0.0
 
-    def _predicted_rate(self, b: int, nodes: int, depth: int) -> float:
-        return b * self.acceptance.expected_tokens(depth) / max(self.step_ms(b, nodes, depth), 1e-6)
+    def tau(self, nodes: int, depth: int) -> float:
+        """Expected tokens per request step with this budget: as measured under it, else the
+        chain estimate of its depth."""
+        if not nodes:
+            return 1.0
+        measured = self.delivered.mean((nodes, depth), self.min_measured_requests)
+        return self.acceptance.expected_tokens(depth) if measured is None else measured
 
     def _rate(self, b: int, nodes: int, depth: int) -> float:
         """Tokens per millisecond at this load: the decode step's predicted time, corrected by
-        what this budget delivered against its predictions at this load (see ``_correction``),
-        plus, with trees, the drafter prefill behind the step's tokens."""
+        how this budget's steps ran against their predictions at this load (see
+        ``_correction``), plus, with trees, the drafter prefill behind the step's tokens."""
         correction = self._correction(b, (nodes, depth))
-        tokens = b * self.acceptance.expected_tokens(depth)
-        ms = self.step_ms(b, nodes, depth) / (1.0 if correction is None else max(correction, 1e-6))
+        tokens = b * self.tau(nodes, depth)
+        ms = self.step_ms(b, nodes, depth) * (1.0 if correction is None else correction)
         if nodes:
             ms += self.prefill_ms(self.prompt_per_token * tokens)
         return tokens / max(ms, 1e-6)
 
-    def _correction(self, b: int, key: tuple[int, int]) -> float | None:
-        """Measured / predicted rate of ``key`` at this load; for a budget not measured there
-        yet, that of the nearest measured one (the predictions err alike for neighbouring trees:
-        taken as they are, every untried budget looked ~30 % better than it ran and was tried in
-        turn at each new load)."""
+    def _correction(self, b: int, key: BudgetKey) -> float | None:
+        """Measured / predicted step time of ``key`` at this load; for a budget not measured
+        there yet, that of the nearest measured one (the predictions err alike for neighbouring
+        trees: taken as they were, every untried budget looked ~30 % better than it ran and was
+        tried in turn at each new load)."""
         bucket, i = load_bucket(b), self.candidates.index(key)
         by_distance = sorted(range(len(self.candidates)), key=lambda j: (abs(j - i), j))
         for j in by_distance:
@@ -270,9 +281,7 @@ class LoadAwareDraft:
                     return found
         return None
 
-    def _explore(
-        self, load: StepLoad, rates: dict[tuple[int, int], float], best: tuple[int, int]
-    ) -> tuple[int, int]:
+    def _explore(self, load: StepLoad, rates: dict[BudgetKey, float], best: BudgetKey) -> BudgetKey:
         """``best``, or on every ``explore_every``-th decode step a neighbour of it whose rate is
         within ``explore_margin`` of it (a clearly worse one teaches nothing worth its cost). A
         neighbour with trees also pays, this step, the drafter's prefill of every request it
@@ -287,7 +296,7 @@ class LoadAwareDraft:
         pick = neighbours[(self._decode_steps // self.explore_every) % len(neighbours)]
         rate = rates[pick]
         if pick[0] and load.undrafted_tokens:
-            tokens = max(load.num_sampling, 1) * self.acceptance.expected_tokens(pick[1])
+            tokens = max(load.num_sampling, 1) * self.tau(*pick)
             rate = tokens / (tokens / max(rate, 1e-9) + self.prefill_ms(load.undrafted_tokens))
         return pick if rate >= (1 - self.explore_margin) * rates[best] else best
 

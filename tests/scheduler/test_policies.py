@@ -18,7 +18,7 @@ from scheduler.policies import (
     StepRecord,
     make_policy,
 )
-from scheduler.throughput import MeasuredRates, load_bucket
+from scheduler.throughput import MeasuredStepTimes, MeasuredTokens, load_bucket
 
 
 def test_unknown_policy_name_lists_the_known_ones() -> None:
@@ -369,40 +369,65 @@ def test_load_buckets_double(b: int, bucket: int) -> None:
 
 
 def test_measured_correction_needs_min_steps_and_fades_old_steps() -> None:
-    rates = MeasuredRates(decay=0.5)
-    rates.add(1, (4, 4), measured=1.0, predicted=2.0)
-    assert rates.correction(1, (4, 4), min_steps=2) is None
-    assert rates.correction(1, (4, 4), min_steps=1) == 0.5
-    rates.add(1, (4, 4), measured=2.0, predicted=2.0)  # (0.5 * 1 + 2) / (0.5 * 2 + 2)
-    assert rates.correction(1, (4, 4), min_steps=2) == pytest.approx(2.5 / 3)
-    assert rates.correction(2, (4, 4), min_steps=1) is None
+    times = MeasuredStepTimes(decay=0.5)
+    times.add(1, (4, 4), measured_ms=1.0, predicted_ms=2.0)
+    assert times.correction(1, (4, 4), min_steps=2) is None
+    assert times.correction(1, (4, 4), min_steps=1) == 0.5
+    times.add(1, (4, 4), measured_ms=2.0, predicted_ms=2.0)  # (0.5 * 1 + 2) / (0.5 * 2 + 2)
+    assert times.correction(1, (4, 4), min_steps=2) == pytest.approx(2.5 / 3)
+    assert times.correction(2, (4, 4), min_steps=1) is None
 
 
-def test_measured_rates_reject_a_decay_outside_0_1() -> None:
+def test_measured_tokens_need_min_requests_and_fade_old_ones() -> None:
+    tokens = MeasuredTokens(decay=0.5)
+    tokens.add((4, 4), 5)
+    assert tokens.mean((4, 4), min_requests=2) is None
+    tokens.add((4, 4), 1)  # (0.5 * 5 + 1) / (0.5 + 1)
+    assert tokens.mean((4, 4), min_requests=2) == pytest.approx(3.5 / 1.5)
+    assert tokens.mean((2, 2), min_requests=1) is None
+    assert tokens.requests((4, 4)) == 2
+
+
+@pytest.mark.parametrize("make", [MeasuredStepTimes, MeasuredTokens])
+def test_measurements_reject_a_decay_outside_0_1(make: Any) -> None:
     with pytest.raises(ValueError, match="decay"):
-        MeasuredRates(decay=0.0)
+        make(decay=0.0)
 
 
-def test_load_aware_scales_a_budgets_prediction_by_its_measured_correction_at_that_load() -> None:
+def test_load_aware_scales_a_budgets_predicted_time_by_its_measured_correction_at_that_load() -> None:
     policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=0)
     assert policy.budget(StepLoad(4, 0)) == DraftBudget(2, 2)
     for _ in range(3):  # fewer steps than min_measured_steps: not trusted yet
-        policy.measured.add(load_bucket(4), (2, 2), measured=0.1, predicted=1.0)
+        policy.measured.add(load_bucket(4), (2, 2), measured_ms=10.0, predicted_ms=1.0)
     assert policy.budget(StepLoad(4, 0)) == DraftBudget(2, 2)
-    policy.measured.add(load_bucket(4), (2, 2), measured=0.1, predicted=1.0)
-    assert policy.budget(StepLoad(4, 0)) == NO_DRAFT  # delivered a tenth of its prediction there
+    policy.measured.add(load_bucket(4), (2, 2), measured_ms=10.0, predicted_ms=1.0)
+    assert policy.budget(StepLoad(4, 0)) == NO_DRAFT  # its steps took ten times the prediction there
     assert policy.budget(StepLoad(2, 0)) == DraftBudget(2, 2)  # another load: untouched
 
 
 def test_an_untried_tree_borrows_the_nearest_measured_trees_correction_at_that_load() -> None:
-    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2), (4, 4), (8, 8)), explore_every=0)
-    for _ in range(4):  # 4-node trees ran at 60 % of their prediction at this load
-        policy.measured.add(load_bucket(1), (4, 4), measured=0.6, predicted=1.0)
-        policy.measured.add(load_bucket(1), (0, 0), measured=1.0, predicted=1.0)
+    candidates = ((0, 0), (2, 2), (4, 4), (8, 8))
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=candidates, explore_every=0)
+    raw = {key: policy._rate(1, *key) for key in candidates}
+    raw_b2 = policy._rate(2, 8, 8)
+    for _ in range(4):  # 4-node tree steps took 1 / 0.6 of their predicted time at this load
+        policy.measured.add(load_bucket(1), (4, 4), measured_ms=1.0, predicted_ms=0.6)
+        policy.measured.add(load_bucket(1), (0, 0), measured_ms=1.0, predicted_ms=1.0)
     for key in ((2, 2), (8, 8)):  # untried: taken to err as (4, 4) did, not at face value
-        assert policy._rate(1, *key) == pytest.approx(0.6 * policy._predicted_rate(1, *key), rel=1e-6)
-    assert policy._rate(1, 0, 0) == pytest.approx(policy._predicted_rate(1, 0, 0))
-    assert policy._rate(2, 8, 8) == pytest.approx(policy._predicted_rate(2, 8, 8))  # another load
+        assert policy._rate(1, *key) == pytest.approx(0.6 * raw[key], rel=1e-6)
+    assert policy._rate(1, 0, 0) == pytest.approx(raw[(0, 0)])
+    assert policy._rate(2, 8, 8) == pytest.approx(raw_b2)  # another load: untouched
+
+
+def test_load_aware_counts_each_budgets_own_tokens_per_request() -> None:
+    # two trees of one depth: the chain estimate cannot tell them apart, their requests can
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2), (8, 2)), explore_every=0)
+    assert policy.tau(2, 2) == policy.tau(8, 2) == policy.acceptance.expected_tokens(2)
+    for _ in range(policy.min_measured_requests):
+        policy.observe(DraftBudget(2, 2), accepted_depth=0)
+        policy.observe(DraftBudget(8, 2), accepted_depth=2)
+    assert policy.tau(2, 2) == pytest.approx(1.0) and policy.tau(8, 2) == pytest.approx(3.0)
+    assert policy.budget(StepLoad(1, 0)) == DraftBudget(8, 2)
 
 
 @pytest.mark.parametrize(("prompt_per_token", "drafts"), [(0.5, True), (4.0, False)])
@@ -414,8 +439,8 @@ def test_load_aware_charges_each_requests_drafter_prefill_to_its_tokens(
     # per emitted token. R = 0.5 adds ~5 % to a tree step (trees still win), R = 4 ~40 %
     policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=0)
     plain, tree = policy._rate(16, 0, 0), policy._rate(16, 2, 2)
-    for _ in range(4):
-        policy.measured.add(load_bucket(16), (2, 2), measured=1.2 * plain, predicted=tree)
+    for _ in range(4):  # measured 1.2x plain's rate: the step took tree / (1.2 plain) of its prediction
+        policy.measured.add(load_bucket(16), (2, 2), measured_ms=tree, predicted_ms=1.2 * plain)
     assert policy.budget(StepLoad(16, 0)) == DraftBudget(2, 2)  # no prompts seen yet: R = 0
     policy.prefill_fit.weights[0] = 0.05
     policy.observe_step(StepRecord(StepLoad(0, int(prompt_per_token * 100)), NO_DRAFT, 0, 0, 0.0, 0.0))
