@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from models.config import DecoderConfig
+from models.linear import linear as linear_kernel
 from models.lora import LoraAdapter, module_shapes
 
 NO_ADAPTER = -1  # the slot of a token drafted by the base drafter
@@ -82,7 +83,7 @@ class LoraBatch:
         """``linear(x)`` [T, out] with each token's adapter applied for ``projection`` of ``layer``."""
         if self.merged_slot is not None:
             weight = self.stack.merged_weight(self.merged_slot, layer, projection, linear.weight)
-            return torch.nn.functional.linear(x, weight, linear.bias)
+            return linear_kernel(x, weight, linear.bias)
         return self.add_to(linear(x), layer, projection, x)
 
     def add_to(self, out: torch.Tensor, layer: int, projection: str, x: torch.Tensor) -> torch.Tensor:

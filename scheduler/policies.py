@@ -92,23 +92,32 @@ class FixedDraft:
 
 
 class AcceptanceModel:
-    """P(the node at depth d is accepted | depth d - 1 was), counted from verify results, with a
-    prior of ``prior`` worth ``weight`` observations per depth."""
+    """P(the node at depth d is accepted | depth d - 1 was), counted from verify results. Each
+    depth's estimate is shrunk toward the rate pooled over every depth seen so far, worth
+    ``weight`` observations (``prior`` before anything is seen): a depth no tree has reached yet
+    is taken to accept like the others did, not at a fixed guess (with the drafter agreeing 85-90 %
+    of the time, a guess of 0.7 kept a single user's trees shallow for a hundred steps)."""
 
     def __init__(self, max_depth: int, prior: float = 0.7, weight: float = 4.0) -> None:
-        self.hits = [prior * weight] * (max_depth + 1)
-        self.tries = [weight] * (max_depth + 1)
+        self.prior, self.weight = prior, weight
+        self.hits = [0] * (max_depth + 1)
+        self.tries = [0] * (max_depth + 1)
 
     def observe(self, depth: int, accepted: int) -> None:
         for d in range(1, min(accepted + 1, depth) + 1):
             self.tries[d] += 1
             self.hits[d] += d <= accepted
 
+    def rate(self, depth: int) -> float:
+        tries = sum(self.tries)
+        pooled = sum(self.hits) / tries if tries else self.prior
+        return (self.hits[depth] + pooled * self.weight) / (self.tries[depth] + self.weight)
+
     def expected_tokens(self, depth: int) -> float:
         """Expected tokens per verify step with a tree this deep (chain estimate, bonus included)."""
         total, reach = 1.0, 1.0
         for d in range(1, depth + 1):
-            reach *= self.hits[d] / self.tries[d]
+            reach *= self.rate(d)
             total += reach
         return total
 

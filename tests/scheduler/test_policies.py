@@ -66,12 +66,20 @@ def test_full_acceptance_pushes_expected_tokens_toward_depth_plus_one() -> None:
 
 
 def test_acceptance_counts_only_depths_that_were_reached() -> None:
-    model = AcceptanceModel(max_depth=4, prior=0.5, weight=2.0)
+    model = AcceptanceModel(max_depth=4, prior=0.9, weight=2.0)
     model.observe(depth=4, accepted=1)  # depth 1 accepted, depth 2 tried and rejected, 3 and 4 unseen
-    assert model.hits[1:] == [2.0, 1.0, 1.0, 1.0]
-    assert model.tries[1:] == [3.0, 3.0, 2.0, 2.0]
-    # P(1) = 2/3, P(2 | 1) = 1/3, deeper still the prior 1/2
+    assert model.hits[1:] == [1, 0, 0, 0]
+    assert model.tries[1:] == [1, 1, 0, 0]
+    # pooled 1/2 replaces the prior: P(1) = (1 + 1) / 3, P(2 | 1) = (0 + 1) / 3, deeper 1/2
     assert model.expected_tokens(3) == pytest.approx(1 + 2 / 3 + 2 / 9 + 1 / 9)
+
+
+def test_an_unreached_depth_accepts_like_the_depths_seen() -> None:
+    model = AcceptanceModel(max_depth=8, prior=0.5)
+    for _ in range(100):
+        model.observe(depth=3, accepted=3)  # every node of 3-deep chains accepted
+    assert model.rate(6) == pytest.approx(1.0)  # not the prior 0.5
+    assert model.expected_tokens(6) > 6.5
 
 
 def test_zero_acceptance_pulls_expected_tokens_toward_one() -> None:
