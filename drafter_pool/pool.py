@@ -38,6 +38,7 @@ from kvcache.sequence_blocks import SequenceBlocks
 from models.loader import LoadedModel, fingerprint
 from models.multi_lora import NO_ADAPTER, LoraBatch
 from models.prompt_encoder import PromptEncoder
+from models.threads import intra_op_threads
 
 DRAFT_SEED_SALT = 0x5EED_D4AF  # the drafter's stream differs from the verifier's for one seed
 
@@ -91,8 +92,10 @@ class DrafterPool:
         seed: int = 0,
         adapters: AdapterRegistry | None = None,
         prefix_cache: bool = True,
+        threads: int | None = None,  # intra-op CPU threads of its forwards (None: the process's)
     ) -> None:
         self.model = model
+        self.threads = threads
         self.adapters = adapters
         self.pool = BlockPool(model.decoder.kv_layout(num_blocks, block_size))
         self.compression = compression
@@ -108,6 +111,10 @@ class DrafterPool:
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         """A request the pool has no room for gets an empty tree (plain decoding this step)
         and loses its drafter KV; it is prefilled again when it next gets a tree."""
+        with intra_op_threads(self.threads):
+            return self._propose(requests)
+
+    def _propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         pending = {r.request_id: self._pending(r) for r in requests}
         ready = [r for r in requests if pending[r.request_id] is not None]
         ready.sort(key=lambda r: self.states[r.request_id].slot)  # adapter tokens packed by slot

@@ -20,6 +20,7 @@ from kvcache.prefix_cache import PrefixCache
 from kvcache.redis_store import RedisKVStore, RedisTierConfig
 from models.loader import LoadedModel, fingerprint, load_model
 from models.prompt_encoder import PromptEncoder
+from models.threads import intra_op_threads, threads_for
 from scheduler.cost import CostCurve, CostModel
 from scheduler.engine import Engine
 from scheduler.policies import DraftPolicy, make_policy
@@ -101,7 +102,8 @@ class LocalDrafter(DrafterPool):
     """The drafter pool in this process, measuring its own forward cost."""
 
     def forward_cost(self, tokens: tuple[int, ...]) -> CostCurve:
-        return measure_cost(self.model, self.pool, tokens)
+        with intra_op_threads(self.threads):
+            return measure_cost(self.model, self.pool, tokens)
 
 
 def build_engine(
@@ -165,6 +167,7 @@ def build_drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> LocalDra
     return LocalDrafter(
         model, num_blocks=opts.drafter_blocks, block_size=opts.block_size,
         shape=opts.tree, compression=opts.compression_method, seed=opts.seed, adapters=adapters,
+        threads=threads_for(model.decoder),
     )  # fmt: skip
 
 
