@@ -108,16 +108,21 @@ class AcceptanceModel:
             self.tries[d] += 1
             self.hits[d] += d <= accepted
 
-    def rate(self, depth: int) -> float:
-        tries = sum(self.tries)
-        pooled = sum(self.hits) / tries if tries else self.prior
+    def rate(self, depth: int, pooled: float | None = None) -> float:
+        """P(accepted at ``depth`` | its parent was); ``pooled``: :meth:`pooled`, if at hand."""
+        pooled = self.pooled() if pooled is None else pooled
         return (self.hits[depth] + pooled * self.weight) / (self.tries[depth] + self.weight)
+
+    def pooled(self) -> float:
+        """The acceptance rate over every depth seen (the prior before any)."""
+        tries = sum(self.tries)
+        return sum(self.hits) / tries if tries else self.prior
 
     def expected_tokens(self, depth: int) -> float:
         """Expected tokens per verify step with a tree this deep (chain estimate, bonus included)."""
-        total, reach = 1.0, 1.0
+        total, reach, pooled = 1.0, 1.0, self.pooled()
         for d in range(1, depth + 1):
-            reach *= self.rate(d)
+            reach *= self.rate(d, pooled)
             total += reach
         return total
 
