@@ -14,12 +14,13 @@ of Punica and S-LoRA, which on CPUs runs one matmul per group. Either way the wo
 tokens, not the resident adapters. No adapter is merged into the base weights, and tokens
 without an adapter are not touched.
 
-One case is cheaper still: a forward whose tokens all use one adapter (a single user's draft
-levels). There the two extra matmuls and the add per projection cost more than the projection
-itself on a small drafter (CPU: ~150 us of a ~280 us layer, measured on the tiny drafter), so the
-projection runs once with that slot's merged weight ``W + (A B)^T``, computed on first use and
-dropped when the slot is loaded or cleared. Merged copies are kept only while all slots' copies
-fit :data:`MERGED_BUDGET_BYTES` (a few MB for the tiny drafter; a large drafter never merges).
+Cheaper still where it applies: when every token of a forward uses an adapter (a level of draft
+trees for users who all have one) and the drafter is small, each projection runs as one batched
+matmul of the groups against their slots' merged weights ``W + (A B)^T``, replacing the base
+matmul, the two LoRA matmuls and the add (on the tiny drafter those cost ~150 us of a ~280 us
+layer, more than the projection itself). Merged weights are computed on a slot's first use and
+dropped when it is loaded or cleared, and kept only while all slots' copies fit
+:data:`MERGED_BUDGET_BYTES` (a few MB for the tiny drafter; a large drafter never merges).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 from models.config import DecoderConfig
-from models.linear import linear as linear_kernel
 from models.lora import LoraAdapter, module_shapes
 
 NO_ADAPTER = -1  # the slot of a token drafted by the base drafter
@@ -77,14 +77,26 @@ class LoraBatch:
     span: tuple[int, int] | None  # (start, stop) when ``order`` is that range: rows already sorted
     padded: PaddedGroups | None  # set when padding the groups to one length is cheap
     slot_span: tuple[int, int] | None  # (first, last + 1) when ``slots`` is that range
-    merged_slot: int | None = None  # every token uses this slot and its merged weights may be used
+    merged: bool = False  # every token uses an adapter: project with the slots' merged weights
 
     def project(self, linear: nn.Linear, x: torch.Tensor, layer: int, projection: str) -> torch.Tensor:
         """``linear(x)`` [T, out] with each token's adapter applied for ``projection`` of ``layer``."""
-        if self.merged_slot is not None:
-            weight = self.stack.merged_weight(self.merged_slot, layer, projection, linear.weight)
-            return linear_kernel(x, weight, linear.bias)
-        return self.add_to(linear(x), layer, projection, x)
+        if not self.merged:
+            return self.add_to(linear(x), layer, projection, x)
+        assert self.padded is not None  # merged batches are padded (see MultiLora.batch)
+        weights = self.stack.merged_weights(layer, projection, linear.weight, self.slots, self.slot_span)
+        p, rows = self.padded, self._grouped_rows(x)
+        groups = rows if p.index is None else rows.index_select(0, p.index)
+        out = torch.bmm(groups.view(len(self.slots), p.length, -1), weights).flatten(0, 1)
+        out = out if p.valid is None else out.index_select(0, p.valid)
+        if linear.bias is not None:
+            out += linear.bias
+        if self.span:  # every row uses an adapter, so the span is all of them, in order
+            return out
+        return torch.empty_like(out).index_copy_(0, self.order, out)
+
+    def _grouped_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.span[0] : self.span[1]] if self.span else x.index_select(0, self.order)
 
     def add_to(self, out: torch.Tensor, layer: int, projection: str, x: torch.Tensor) -> torch.Tensor:
         """``out`` [T, out] += each adapter token's LoRA output for ``projection`` of ``layer``
@@ -95,7 +107,7 @@ class LoraBatch:
             a, b = a[self.slot_span[0] : self.slot_span[1]], b[self.slot_span[0] : self.slot_span[1]]
         else:
             a, b = a.index_select(0, self.slots), b.index_select(0, self.slots)
-        rows = x[self.span[0] : self.span[1]] if self.span else x.index_select(0, self.order)
+        rows = self._grouped_rows(x)
         if self.padded is None:
             delta = segmented_mm(segmented_mm(rows, a, self.ends), b, self.ends)
         else:
@@ -144,18 +156,30 @@ class MultiLora:
         self.adapters: list[LoraAdapter | None] = [None] * slots
         per_slot = sum(a.shape[1] * b.shape[2] for a, b in zip(self.a.values(), self.b.values(), strict=True))
         self.merges = slots * per_slot * torch.finfo(dtype).bits // 8 <= MERGED_BUDGET_BYTES
-        self._merged: dict[tuple[int, int, str], torch.Tensor] = {}  # (slot, layer, projection) -> [out, in]
+        self._merged: dict[tuple[int, str], torch.Tensor] = {}  # (layer, projection) -> [slots, in, out]
+        self._fresh: set[tuple[int, int, str]] = set()  # (slot, layer, projection) merged and current
 
-    def merged_weight(self, slot: int, layer: int, projection: str, base: torch.Tensor) -> torch.Tensor:
-        """``base`` [out, in] plus ``slot``'s adapter for ``projection`` of ``layer`` (cached
-        until the slot is loaded or cleared)."""
-        key = (slot, layer, projection)
-        weight = self._merged.get(key)
-        if weight is None:
-            with torch.no_grad():
-                delta = self.a[(layer, projection)][slot] @ self.b[(layer, projection)][slot]  # [in, out]
-                weight = self._merged[key] = base + delta.T.to(base.dtype)
-        return weight
+    def merged_weights(
+        self,
+        layer: int,
+        projection: str,
+        base: torch.Tensor,  # [out, in] the decoder's weight
+        slots: torch.Tensor,  # [G] int64
+        slot_span: tuple[int, int] | None,  # (first, last + 1) when ``slots`` is that range
+    ) -> torch.Tensor:
+        """``[G, in, out]``: ``base`` plus each slot's adapter, transposed for ``x @ w``."""
+        key = (layer, projection)
+        stack = self._merged.get(key)
+        if stack is None:
+            out_dim, in_dim = base.shape
+            stack = self._merged[key] = torch.empty(self.slots, in_dim, out_dim, dtype=base.dtype)
+        for slot in range(*slot_span) if slot_span else slots.tolist():
+            if (slot, layer, projection) not in self._fresh:
+                with torch.no_grad():
+                    delta = self.a[key][slot] @ self.b[key][slot]  # [in, out]
+                    stack[slot] = base.T + delta.to(base.dtype)
+                self._fresh.add((slot, layer, projection))
+        return stack[slot_span[0] : slot_span[1]] if slot_span else stack.index_select(0, slots)
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
         """Write ``adapter`` into ``slot`` (replacing what was there)."""
@@ -177,7 +201,7 @@ class MultiLora:
         self.adapters[slot] = adapter
 
     def clear(self, slot: int) -> None:
-        self._merged = {k: w for k, w in self._merged.items() if k[0] != slot}
+        self._fresh = {k for k in self._fresh if k[0] != slot}
         for key in self.a:
             self.a[key][slot] = 0
             self.b[key][slot] = 0
@@ -199,18 +223,20 @@ class MultiLora:
         contiguous = stop - start == len(order) and bool((order.diff() == 1).all())
         ends = counts.cumsum(0)
         first, last = int(slots[0]), int(slots[-1])  # unique() sorts them
+        layout = padded(counts, ends)
         return LoraBatch(
             self,
             order,
             slots,
             ends.to(torch.int32),
             (start, stop) if contiguous else None,
-            padded(counts, ends),
+            layout,
             (first, last + 1) if last - first + 1 == len(slots) else None,
+            merged=self.merges and layout is not None and len(rows) == len(token_slots),
         )
 
     def _one_slot(self, slot: int, n: int) -> LoraBatch:
-        """The batch of ``n`` tokens that all use ``slot``: merged weights when they are kept."""
+        """The batch of ``n`` tokens that all use ``slot``."""
         self._check_loaded([slot])
         return LoraBatch(
             self,
@@ -220,7 +246,7 @@ class MultiLora:
             span=(0, n),
             padded=PaddedGroups(n),
             slot_span=(slot, slot + 1),
-            merged_slot=slot if self.merges else None,
+            merged=self.merges,
         )
 
     def _check_loaded(self, slots: list[int]) -> None:

@@ -155,24 +155,34 @@ def _delta_path(lora: Any, linear: Any, x: torch.Tensor, layer: int, projection:
     return lora.add_to(linear(x), layer, projection, x)
 
 
-def test_single_adapter_forward_uses_merged_weights_equal_to_base_plus_delta(
-    drafter: Any, adapter_dirs: dict[str, Path]
+@pytest.mark.parametrize(
+    "token_slots",  # one adapter; three, sorted and equal; shuffled and of unequal counts (padded)
+    [[1] * 7, [0, 0, 1, 1, 2, 2], [2, 0, 2, 1, 0, 2, 2]],
+)
+def test_a_batch_whose_tokens_all_use_adapters_projects_with_merged_weights(
+    drafter: Any, adapter_dirs: dict[str, Path], token_slots: list[int]
 ) -> None:
     cfg = drafter.decoder.cfg
     stack = MultiLora(cfg, slots=3, max_rank=8)
-    stack.load(1, load_adapter(adapter_dirs["all-r8"], cfg, max_rank=8))
-    stack.load(2, load_adapter(adapter_dirs["attn-r2"], cfg, max_rank=8))
-    x = torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    for slot, name in enumerate(("attn-r2", "all-r8", "mlp-r4-rs")):
+        stack.load(slot, load_adapter(adapter_dirs[name], cfg, max_rank=8))
+    x = torch.randn(len(token_slots), cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     linear = drafter.decoder.layers[1].self_attn.qkv_proj
-    lora = stack.batch(torch.full((7,), 1))
-    assert lora is not None and lora.merged_slot == 1
+    lora = stack.batch(torch.tensor(token_slots))
+    assert lora is not None and lora.merged
     with torch.inference_mode():
         merged = lora.project(linear, x, 1, "self_attn.qkv_proj")
         assert torch.allclose(merged, _delta_path(lora, linear, x, 1, "self_attn.qkv_proj"), atol=1e-5)
-        assert not torch.allclose(merged, linear(x), atol=1e-3)  # the adapter really applies
-    # two adapters, or base tokens beside adapter tokens: the delta path
-    assert stack.batch(torch.tensor([1, 1, 2])).merged_slot is None  # type: ignore[union-attr]
-    assert stack.batch(torch.tensor([1, NO_ADAPTER])).merged_slot is None  # type: ignore[union-attr]
+        adapted = [i for i, slot in enumerate(token_slots) if slot == 1]  # all-r8 adapts q/k/v
+        assert not torch.allclose(merged[adapted], linear(x[adapted]), atol=1e-3)
+
+
+def test_base_tokens_beside_adapter_tokens_keep_the_delta_path(
+    drafter: Any, adapter_dirs: dict[str, Path]
+) -> None:
+    stack = MultiLora(drafter.decoder.cfg, slots=2, max_rank=8)
+    stack.load(1, load_adapter(adapter_dirs["all-r8"], drafter.decoder.cfg, max_rank=8))
+    assert not stack.batch(torch.tensor([1, NO_ADAPTER, 1])).merged  # type: ignore[union-attr]
 
 
 def test_reloading_a_slot_drops_its_merged_weights(drafter: Any, adapter_dirs: dict[str, Path]) -> None:
@@ -184,7 +194,7 @@ def test_reloading_a_slot_drops_its_merged_weights(drafter: Any, adapter_dirs: d
     for name in ("all-r8", "mlp-r4-rs"):  # the second replaces the first in slot 0
         stack.load(0, load_adapter(adapter_dirs[name], cfg, max_rank=8))
         lora = stack.batch(torch.zeros(4, dtype=torch.long))
-        assert lora is not None and lora.merged_slot == 0
+        assert lora is not None and lora.merged
         with torch.inference_mode():
             outs.append(lora.project(linear, x, 0, "mlp.down_proj"))
             assert torch.allclose(outs[-1], _delta_path(lora, linear, x, 0, "mlp.down_proj"), atol=1e-5)
@@ -199,5 +209,7 @@ def test_a_drafter_too_big_for_the_merge_budget_keeps_the_delta_path(
     monkeypatch.setattr(multi_lora, "MERGED_BUDGET_BYTES", 1024)
     stack = MultiLora(drafter.decoder.cfg, slots=2, max_rank=8)
     stack.load(0, load_adapter(adapter_dirs["attn-r2"], drafter.decoder.cfg, max_rank=8))
+    stack.load(1, load_adapter(adapter_dirs["all-r8"], drafter.decoder.cfg, max_rank=8))
     assert not stack.merges
-    assert stack.batch(torch.zeros(3, dtype=torch.long)).merged_slot is None  # type: ignore[union-attr]
+    assert not stack.batch(torch.zeros(3, dtype=torch.long)).merged  # type: ignore[union-attr]
+    assert not stack.batch(torch.tensor([0, 0, 1, 1])).merged  # type: ignore[union-attr]
