@@ -136,8 +136,8 @@ def relative(ms: float) -> float:
 class LoadAwareDraft:
     """Pick the candidate budget with the most expected tokens per millisecond for this step:
     ``B * tau / (verify_ms + draft_ms)``, tau what each request emitted per step under that
-    budget so far (before it has run, a chain estimate from the acceptance per depth of all
-    trees) and the costs learned from the steps themselves:
+    budget at this load (else at any load; before it has run, a chain estimate from the
+    acceptance per depth of all trees) and the costs learned from the steps themselves:
 
     - ``verify_ms ~ a * verifier(tokens) + b * B + c * nodes``: the calibrated forward-cost
       curve of the target (one sequence) scaled, plus what each request adds (packing, masks,
@@ -192,7 +192,7 @@ class LoadAwareDraft:
     explore_every: int = 8  # decode steps between tries of a neighbouring budget (0: never)
     explore_margin: float = 0.3  # ... if it is predicted within this fraction of the best
     min_measured_steps: int = 4  # decode steps of a budget at a load before its correction counts
-    min_measured_requests: int = 8  # request steps of a budget before its own tau counts
+    min_measured_requests: int = 8  # request steps of a budget (at a load) before its own tau counts
     ratio_decay: float = 0.98  # per step, for the prompt tokens per emitted token
     measured: MeasuredStepTimes = field(default_factory=MeasuredStepTimes)
     delivered: MeasuredTokens = field(default_factory=MeasuredTokens)
@@ -226,11 +226,12 @@ class LoadAwareDraft:
         self._step_tokens += accepted_depth + 1  # the accepted nodes and the target's own token
         if budget.max_depth:
             self.acceptance.observe(budget.max_depth, accepted_depth)
-            self.delivered.add((budget.max_nodes, budget.max_depth), accepted_depth + 1)
 
     def observe_step(self, record: StepRecord) -> None:
         b, depth = record.load.num_sampling, record.budget.max_depth
         tokens, self._step_tokens = self._step_tokens, 0
+        if b and depth:
+            self.delivered.add(load_bucket(b), (record.budget.max_nodes, depth), tokens, b)
         self._prompt_tokens = self.ratio_decay * self._prompt_tokens + record.load.prefill_tokens
         self._emitted_tokens = self.ratio_decay * self._emitted_tokens + tokens
         # the drafter's prefill is charged per request (see _rate), not to the step it fell in
@@ -262,20 +263,23 @@ class LoadAwareDraft:
         """R: prompt tokens per emitted token over recent steps (0 before any token)."""
         return self._prompt_tokens / self._emitted_tokens if self._emitted_tokens else 0.0
 
-    def tau(self, nodes: int, depth: int) -> float:
-        """Expected tokens per request step with this budget: as measured under it, else the
-        chain estimate of its depth."""
+    def tau(self, b: int, nodes: int, depth: int) -> float:
+        """Expected tokens per request step with this budget at this load: as measured under it
+        there, else under it at any load, else the chain estimate of its depth."""
         if not nodes:
             return 1.0
-        measured = self.delivered.mean((nodes, depth), self.min_measured_requests)
-        return self.acceptance.expected_tokens(depth) if measured is None else measured
+        for bucket in (load_bucket(b), None):
+            measured = self.delivered.mean(bucket, (nodes, depth), self.min_measured_requests)
+            if measured is not None:
+                return measured
+        return self.acceptance.expected_tokens(depth)
 
     def _rate(self, b: int, nodes: int, depth: int) -> float:
         """Tokens per millisecond at this load: the decode step's predicted time, corrected by
         how this budget's steps ran against their predictions at this load (see
         ``_correction``), plus, with trees, the drafter prefill behind the step's tokens."""
         correction = self._correction(b, (nodes, depth))
-        tokens = b * self.tau(nodes, depth)
+        tokens = b * self.tau(b, nodes, depth)
         ms = self.step_ms(b, nodes, depth) * (1.0 if correction is None else correction)
         if nodes:
             ms += self.prefill_ms(self.prompt_per_token * tokens)
@@ -310,7 +314,7 @@ class LoadAwareDraft:
         pick = neighbours[(self._decode_steps // self.explore_every) % len(neighbours)]
         rate = rates[pick]
         if pick[0] and load.undrafted_tokens:
-            tokens = max(load.num_sampling, 1) * self.tau(*pick)
+            tokens = max(load.num_sampling, 1) * self.tau(load.num_sampling, *pick)
             rate = tokens / (tokens / max(rate, 1e-9) + self.prefill_ms(load.undrafted_tokens))
         return pick if rate >= (1 - self.explore_margin) * rates[best] else best
 

@@ -69,28 +69,33 @@ class _TokenSums:
 
 
 class MeasuredTokens:
-    """Tokens a request emits per step (accepted nodes and the target's own) under each budget:
-    a decayed mean over request steps (older ones fade by ``decay`` per request step of that
-    budget), so it follows what the users currently ask."""
+    """Tokens a request emits per step (accepted nodes and the target's own) under each budget,
+    per load bucket and over all loads: decayed means over steps (older steps fade by ``decay``
+    per step of that budget), so they follow what the users currently ask. The load can matter:
+    a crowded drafter pool keeps fewer visual tokens per request (a lower tau, see the
+    compression ablation) or has no room to draft for some."""
 
     def __init__(self, decay: float = 0.98) -> None:
         _check_decay(decay)
         self.decay = decay
-        self._sums: dict[BudgetKey, _TokenSums] = {}
+        self._sums: dict[tuple[int, BudgetKey] | BudgetKey, _TokenSums] = {}
 
-    def add(self, budget: BudgetKey, tokens: int) -> None:
-        sums = self._sums.setdefault(budget, _TokenSums())
-        sums.tokens = self.decay * sums.tokens + tokens
-        sums.weight = self.decay * sums.weight + 1
-        sums.requests += 1
+    def add(self, bucket: int, budget: BudgetKey, tokens: int, requests: int) -> None:
+        """One step: its ``requests`` requests emitted ``tokens`` tokens in all."""
+        for key in ((bucket, budget), budget):
+            sums = self._sums.setdefault(key, _TokenSums())
+            sums.tokens = self.decay * sums.tokens + tokens
+            sums.weight = self.decay * sums.weight + requests
+            sums.requests += requests
 
-    def mean(self, budget: BudgetKey, min_requests: int) -> float | None:
-        """Mean tokens per request step, or None with fewer than ``min_requests`` seen."""
-        sums = self._sums.get(budget)
-        if sums is None or sums.requests < min_requests:
+    def mean(self, bucket: int | None, budget: BudgetKey, min_requests: int) -> float | None:
+        """Mean tokens per request step at this load bucket (None: over all loads), or None
+        with fewer than ``min_requests`` seen there."""
+        sums = self._sums.get(budget if bucket is None else (bucket, budget))
+        if sums is None or sums.requests < min_requests or sums.weight <= 0:
             return None
         return sums.tokens / sums.weight
 
-    def requests(self, budget: BudgetKey) -> int:
-        sums = self._sums.get(budget)
+    def requests(self, bucket: int | None, budget: BudgetKey) -> int:
+        sums = self._sums.get(budget if bucket is None else (bucket, budget))
         return 0 if sums is None else sums.requests

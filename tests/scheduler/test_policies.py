@@ -388,12 +388,15 @@ def test_measured_correction_needs_min_steps_and_fades_old_steps() -> None:
 
 def test_measured_tokens_need_min_requests_and_fade_old_ones() -> None:
     tokens = MeasuredTokens(decay=0.5)
-    tokens.add((4, 4), 5)
-    assert tokens.mean((4, 4), min_requests=2) is None
-    tokens.add((4, 4), 1)  # (0.5 * 5 + 1) / (0.5 + 1)
-    assert tokens.mean((4, 4), min_requests=2) == pytest.approx(3.5 / 1.5)
-    assert tokens.mean((2, 2), min_requests=1) is None
-    assert tokens.requests((4, 4)) == 2
+    tokens.add(1, (4, 4), tokens=5, requests=1)
+    assert tokens.mean(1, (4, 4), min_requests=2) is None
+    tokens.add(1, (4, 4), tokens=2, requests=2)  # (0.5 * 5 + 2) / (0.5 * 1 + 2)
+    assert tokens.mean(1, (4, 4), min_requests=2) == pytest.approx(4.5 / 2.5)
+    assert tokens.mean(2, (4, 4), min_requests=1) is None  # another load: nothing yet
+    assert tokens.mean(None, (4, 4), min_requests=3) == pytest.approx(4.5 / 2.5)  # all loads
+    tokens.add(3, (4, 4), tokens=8, requests=8)
+    assert tokens.mean(3, (4, 4), min_requests=8) == 1.0
+    assert tokens.requests(None, (4, 4)) == 11
 
 
 @pytest.mark.parametrize("make", [MeasuredStepTimes, MeasuredTokens])
@@ -427,15 +430,24 @@ def test_an_untried_tree_borrows_the_nearest_measured_trees_correction_at_that_l
     assert policy._rate(2, 8, 8) == pytest.approx(raw_b2)  # another load: untouched
 
 
-def test_load_aware_counts_each_budgets_own_tokens_per_request() -> None:
+def test_load_aware_counts_each_budgets_own_tokens_per_request_at_each_load() -> None:
     # two trees of one depth: the chain estimate cannot tell them apart, their requests can
     policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2), (8, 2)), explore_every=0)
-    assert policy.tau(2, 2) == policy.tau(8, 2) == policy.acceptance.expected_tokens(2)
+    assert policy.tau(1, 2, 2) == policy.tau(1, 8, 2) == policy.acceptance.expected_tokens(2)
     for _ in range(policy.min_measured_requests):
-        policy.observe(DraftBudget(2, 2), accepted_depth=0)
-        policy.observe(DraftBudget(8, 2), accepted_depth=2)
-    assert policy.tau(2, 2) == pytest.approx(1.0) and policy.tau(8, 2) == pytest.approx(3.0)
+        for budget, accepted in ((DraftBudget(2, 2), 0), (DraftBudget(8, 2), 2)):
+            policy.observe(budget, accepted_depth=accepted)
+            nodes = budget.max_nodes
+            policy.observe_step(StepRecord(StepLoad(1, 0), budget, 1 + nodes, nodes, 1.0, 10.0))
+    assert policy.tau(1, 2, 2) == pytest.approx(1.0) and policy.tau(1, 8, 2) == pytest.approx(3.0)
     assert policy.budget(StepLoad(1, 0)) == DraftBudget(8, 2)
+    assert policy.tau(16, 8, 2) == pytest.approx(3.0)  # not measured at 16 requests: all loads'
+    for _ in range(2):  # at 16 requests the wide tree delivered 1.5 per request (a crowded drafter)
+        for i in range(16):
+            policy.observe(DraftBudget(8, 2), accepted_depth=i % 2)
+        policy.observe_step(StepRecord(StepLoad(16, 0), DraftBudget(8, 2), 16 * 9, 16 * 8, 1.0, 10.0))
+    assert policy.tau(16, 8, 2) == pytest.approx(1.5)
+    assert policy.tau(1, 8, 2) == pytest.approx(3.0)  # one user's trees still as measured alone
 
 
 @pytest.mark.parametrize(("prompt_per_token", "drafts"), [(0.5, True), (4.0, False)])
