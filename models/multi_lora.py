@@ -83,12 +83,8 @@ class LoraBatch:
         """``linear(x)`` [T, out] with each token's adapter applied for ``projection`` of ``layer``."""
         if not self.merged:
             return self.add_to(linear(x), layer, projection, x)
-        assert self.padded is not None  # merged batches are padded (see MultiLora.batch)
         weights = self.stack.merged_weights(layer, projection, linear.weight, self.slots, self.slot_span)
-        p, rows = self.padded, self._grouped_rows(x)
-        groups = rows if p.index is None else rows.index_select(0, p.index)
-        out = torch.bmm(groups.view(len(self.slots), p.length, -1), weights).flatten(0, 1)
-        out = out if p.valid is None else out.index_select(0, p.valid)
+        out = self._unpad(torch.bmm(self._pad(self._grouped_rows(x)), weights))
         if linear.bias is not None:
             out += linear.bias
         if self.span:  # every row uses an adapter, so the span is all of them, in order
@@ -97,6 +93,20 @@ class LoraBatch:
 
     def _grouped_rows(self, x: torch.Tensor) -> torch.Tensor:
         return x[self.span[0] : self.span[1]] if self.span else x.index_select(0, self.order)
+
+    def _pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """Grouped ``rows`` [n, k] -> [G, L, k] (``padded`` must be set)."""
+        p = self.padded
+        assert p is not None  # merged batches are padded too (see MultiLora.batch)
+        groups = rows if p.index is None else rows.index_select(0, p.index)
+        return groups.view(len(self.slots), p.length, -1)
+
+    def _unpad(self, out: torch.Tensor) -> torch.Tensor:
+        """[G, L, m] -> the grouped rows' [n, m]."""
+        p = self.padded
+        assert p is not None
+        flat = out.flatten(0, 1)
+        return flat if p.valid is None else flat.index_select(0, p.valid)
 
     def add_to(self, out: torch.Tensor, layer: int, projection: str, x: torch.Tensor) -> torch.Tensor:
         """``out`` [T, out] += each adapter token's LoRA output for ``projection`` of ``layer``
@@ -111,10 +121,7 @@ class LoraBatch:
         if self.padded is None:
             delta = segmented_mm(segmented_mm(rows, a, self.ends), b, self.ends)
         else:
-            p = self.padded
-            groups = rows if p.index is None else rows.index_select(0, p.index)
-            delta = torch.bmm(torch.bmm(groups.view(len(self.slots), p.length, -1), a), b).flatten(0, 1)
-            delta = delta if p.valid is None else delta.index_select(0, p.valid)
+            delta = self._unpad(torch.bmm(torch.bmm(self._pad(rows), a), b))
         delta = delta.to(out.dtype)
         if self.span:
             out[self.span[0] : self.span[1]] += delta
