@@ -49,8 +49,9 @@ def peft_logits(adapter_dir: Path | None, checker_prompt: Any) -> torch.Tensor:
     return out.logits[0].float()
 
 
-# slots per request, in packing order: shuffled (rows gathered) and sorted (rows a plain slice)
-ORDERS = {"shuffled": [2, NO_ADAPTER, 0, 3], "sorted": [NO_ADAPTER, 0, 2, 3]}
+# slots per request, in packing order: shuffled (rows gathered) and sorted (rows a plain slice),
+# with a base-drafter request (the delta path); every request adapted (merged weights)
+ORDERS = {"shuffled": [2, NO_ADAPTER, 0, 3], "sorted": [NO_ADAPTER, 0, 2, 3], "all adapted": [2, 0, 3, 0]}
 SLOT_ADAPTER = {2: "all-r8", 0: "attn-r2", 3: "mlp-r4-rs", NO_ADAPTER: None}
 
 
@@ -73,6 +74,7 @@ def test_mixed_adapter_batch_matches_peft_per_request(
     kv = PagedKVCache(drafter.decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
     lora = stack.batch(token_slots)
     assert lora is not None and (lora.span is not None) == (order == "sorted")
+    assert lora.merged == (NO_ADAPTER not in slots)
     dirs = [None if SLOT_ADAPTER[s] is None else adapter_dirs[SLOT_ADAPTER[s]] for s in slots]
     ours = drafter.decoder.logits(drafter.decoder(batch, kv, lora))
     start = 0
