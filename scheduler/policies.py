@@ -10,7 +10,7 @@ what the step cost (the drafter's prefill in it apart), so adaptive policies can
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from core.draft import NO_DRAFT, DraftBudget
@@ -23,7 +23,15 @@ class StepLoad:
     num_sampling: int  # requests that emit a token this step
     prefill_tokens: int  # prompt (or recompute) tokens of the step
     drafter_kv_used: float = 0.0  # fraction of the drafter's KV pool in use (0 without a drafter)
-    undrafted_tokens: int = 0  # tokens of sampling requests the drafter holds no KV for yet
+    # per sampling request the drafter holds no KV for yet: (tokens it would first have to
+    # encode, tokens the request may still emit)
+    undrafted: tuple[tuple[int, int], ...] = ()
+    num_joining: int = 0  # requests still in prefill (running or admissible): they sample soon
+
+    @property
+    def undrafted_tokens(self) -> int:
+        """Tokens the drafter would encode before this step's trees (its prefill, in full)."""
+        return sum(tokens for tokens, _ in self.undrafted)
 
 
 @dataclass(frozen=True)
@@ -153,12 +161,22 @@ class LoadAwareDraft:
 
     That last term is paid once per request, not per step, so step rates do not show it: a budget
     with trees commits every request admitted under it to its drafter prefill. Each such budget is
-    therefore charged ``p * R * B * tau``: the drafter's prefill of the prompt tokens behind the
-    tokens the step emits, R being the prompt tokens per emitted token over recent steps (an
-    answer of 48 tokens after a 120-token prompt: 2.5). With long prompts and short answers
-    under load this is what tips plain decoding ahead. A step's prompt tokens cost the same
-    whatever its trees, so the choice is made as for a decode step of the same B: counting their
-    cost in the rate would make any tree look cheap next to them.
+    therefore charged the drafter's prefill of the prompt tokens behind the tokens the step emits:
+    ``p * R`` per token of a request the drafter already holds, R being the prompt tokens per
+    emitted token over recent steps (an answer of 48 tokens after a 120-token prompt: 2.5); and
+    for a request it does not hold yet (after plain decoding), its own prompt spread over the
+    tokens it may still emit, at least R per token: switching to trees half-way through answers
+    buys trees for half as many tokens per prefill. With long prompts and short answers under
+    load this is what tips plain decoding ahead.
+
+    A step with prompt tokens decides as the decode steps after it will: for its sampling
+    requests and the ones still in prefill together, its prompt tokens left out (they cost the
+    same whatever the trees; counted in the rate, they would make any tree look cheap). Judged on
+    its sampling requests alone (fewer than the decode steps', the newcomers being in prefill),
+    it picked what a lighter load taught: at 16 users, half the prompt steps drafted trees the
+    decode steps had given up, paying the drafter's prefill of a dozen requests for one step
+    (77-90 ms against 30-39 plain). Keeping the last decode step's budget instead failed on
+    bursts: 32 newcomers at once were prefilled with the trees a lone last request had chosen.
 
     The fits start from the calibrated curves and follow every measured decode step (a prompt
     step's tokens would pass their curve's errors on to the tree nodes beside them: one first
@@ -209,8 +227,9 @@ class LoadAwareDraft:
         self._prompt_tokens = self._emitted_tokens = 0.0  # decayed sums over steps: R's terms
 
     def budget(self, load: StepLoad) -> DraftBudget:
-        b = max(load.num_sampling, 1)
-        rates = {c: self._rate(b, *c) for c in self.candidates}
+        if load.prefill_tokens:  # decided as the decode steps to come (class docstring)
+            load = replace(load, num_sampling=load.num_sampling + load.num_joining, num_joining=0)
+        rates = {c: self._rate(load, *c) for c in self.candidates}
         best = max(self.candidates, key=rates.__getitem__)
         if not load.prefill_tokens:
             best = self._explore(load, rates, best)
@@ -274,16 +293,32 @@ class LoadAwareDraft:
                 return measured
         return self.acceptance.expected_tokens(depth)
 
-    def _rate(self, b: int, nodes: int, depth: int) -> float:
+    def _rate(self, load: StepLoad, nodes: int, depth: int, lump: bool = False) -> float:
         """Tokens per millisecond at this load: the decode step's predicted time, corrected by
         how this budget's steps ran against their predictions at this load (see
-        ``_correction``), plus, with trees, the drafter prefill behind the step's tokens."""
+        ``_correction``), plus, with trees, the drafter prefill behind the step's tokens
+        (``lump``: the undrafted requests' in full, as a step that tries a tree pays it)."""
+        b = max(load.num_sampling, 1)
         correction = self._correction(b, (nodes, depth))
-        tokens = b * self.tau(b, nodes, depth)
+        tau = self.tau(b, nodes, depth)
         ms = self.step_ms(b, nodes, depth) * (1.0 if correction is None else correction)
         if nodes:
-            ms += self.prefill_ms(self.prompt_per_token * tokens)
-        return tokens / max(ms, 1e-6)
+            ms += self.prefill_ms(self._prefill_behind(load, tau, lump))
+        return b * tau / max(ms, 1e-6)
+
+    def _prefill_behind(self, load: StepLoad, tau: float, lump: bool) -> float:
+        """Drafter prefill tokens charged to a tree step whose requests emit ``tau`` tokens each:
+        R per emitted token for a request the drafter holds KV for (its share of the newcomers
+        the trees commit to), and for one it does not, its own prompt spread over what it may
+        still emit (at least R per token, never more than the whole prompt; ``lump``: the whole
+        prompt). A request half-way through its answer under plain decoding thus pays twice what
+        a newcomer pays per token: its prefill buys trees for half as many tokens."""
+        r = self.prompt_per_token
+        drafted = max(load.num_sampling - len(load.undrafted), 0)
+        charged = r * tau * drafted
+        for tokens, remaining in load.undrafted:
+            charged += tokens if lump else min(tokens, tau * max(r, tokens / max(remaining, 1)))
+        return charged
 
     def _correction(self, b: int, key: BudgetKey) -> float | None:
         """Measured / predicted step time of ``key`` at this load; for a budget not measured
@@ -312,10 +347,7 @@ class LoadAwareDraft:
         if not neighbours:
             return best
         pick = neighbours[(self._decode_steps // self.explore_every) % len(neighbours)]
-        rate = rates[pick]
-        if pick[0] and load.undrafted_tokens:
-            tokens = max(load.num_sampling, 1) * self.tau(load.num_sampling, *pick)
-            rate = tokens / (tokens / max(rate, 1e-9) + self.prefill_ms(load.undrafted_tokens))
+        rate = self._rate(load, *pick, lump=True) if pick[0] and load.undrafted else rates[pick]
         return pick if rate >= (1 - self.explore_margin) * rates[best] else best
 
 

@@ -121,8 +121,10 @@ class Scheduler:
         sampling = [(r, n) for r, n in running if n == r.num_missing]
         waiting_tokens = min(sum(r.num_missing for r in self.waiting), tokens_left)
         prefill = sum(n for _, n in running) - len(sampling) + waiting_tokens
-        undrafted = sum(r.num_tokens for r, _ in sampling if not r.drafted)
-        load = StepLoad(len(sampling), prefill, self.drafter_kv_used(), undrafted)
+        undrafted = tuple((r.num_tokens, r.remaining_tokens) for r, _ in sampling if not r.drafted)
+        room = max(self.config.max_running - len(self.running), 0)
+        joining = len(self.running) - len(sampling) + min(len(self.waiting), room)
+        load = StepLoad(len(sampling), prefill, self.drafter_kv_used(), undrafted, joining)
         budget = replace(self.policy.budget(load), compression=self.policy.compression(load))
         self._last_step = (load, budget)
         drafts, tokens_left = self._attach_trees(sampling, budget, tokens_left)

@@ -298,7 +298,7 @@ def test_load_aware_explores_a_tree_only_where_the_drafters_prefill_is_affordabl
         cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=2, explore_margin=0.9
     )
     policy.prefill_fit.weights[0] = 0.05  # ms per prompt token the drafter encodes
-    fresh = StepLoad(32, 0, undrafted_tokens=32 * 120)  # ~190 ms of drafter prefill
+    fresh = StepLoad(32, 0, undrafted=((120, 48),) * 32)  # ~190 ms of drafter prefill
     assert {policy.budget(fresh) for _ in range(8)} == {NO_DRAFT}
     drafted = StepLoad(32, 0)  # the drafter already holds every request's KV
     assert {policy.budget(drafted) for _ in range(8)} == {NO_DRAFT, DraftBudget(2, 2)}
@@ -419,15 +419,15 @@ def test_load_aware_scales_a_budgets_predicted_time_by_its_measured_correction_a
 def test_an_untried_tree_borrows_the_nearest_measured_trees_correction_at_that_load() -> None:
     candidates = ((0, 0), (2, 2), (4, 4), (8, 8))
     policy = LoadAwareDraft(cost=_steep_cost(), candidates=candidates, explore_every=0)
-    raw = {key: policy._rate(1, *key) for key in candidates}
-    raw_b2 = policy._rate(2, 8, 8)
+    raw = {key: policy._rate(StepLoad(1, 0), *key) for key in candidates}
+    raw_b2 = policy._rate(StepLoad(2, 0), 8, 8)
     for _ in range(4):  # 4-node tree steps took 1 / 0.6 of their predicted time at this load
         policy.measured.add(load_bucket(1), (4, 4), measured_ms=1.0, predicted_ms=0.6)
         policy.measured.add(load_bucket(1), (0, 0), measured_ms=1.0, predicted_ms=1.0)
     for key in ((2, 2), (8, 8)):  # untried: taken to err as (4, 4) did, not at face value
-        assert policy._rate(1, *key) == pytest.approx(0.6 * raw[key], rel=1e-6)
-    assert policy._rate(1, 0, 0) == pytest.approx(raw[(0, 0)])
-    assert policy._rate(2, 8, 8) == pytest.approx(raw_b2)  # another load: untouched
+        assert policy._rate(StepLoad(1, 0), *key) == pytest.approx(0.6 * raw[key], rel=1e-6)
+    assert policy._rate(StepLoad(1, 0), 0, 0) == pytest.approx(raw[(0, 0)])
+    assert policy._rate(StepLoad(2, 0), 8, 8) == pytest.approx(raw_b2)  # another load: untouched
 
 
 def test_load_aware_counts_each_budgets_own_tokens_per_request_at_each_load() -> None:
@@ -458,7 +458,7 @@ def test_load_aware_charges_each_requests_drafter_prefill_to_its_tokens(
     # tree also makes the drafter encode its prompt: 0.05 ms per token (learned), R prompt tokens
     # per emitted token. R = 0.5 adds ~5 % to a tree step (trees still win), R = 4 ~40 %
     policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=0)
-    plain, tree = policy._rate(16, 0, 0), policy._rate(16, 2, 2)
+    plain, tree = policy._rate(StepLoad(16, 0), 0, 0), policy._rate(StepLoad(16, 0), 2, 2)
     for _ in range(4):  # measured 1.2x plain's rate: the step took tree / (1.2 plain) of its prediction
         policy.measured.add(load_bucket(16), (2, 2), measured_ms=tree, predicted_ms=1.2 * plain)
     assert policy.budget(StepLoad(16, 0)) == DraftBudget(2, 2)  # no prompts seen yet: R = 0
@@ -469,6 +469,39 @@ def test_load_aware_charges_each_requests_drafter_prefill_to_its_tokens(
     assert policy.prompt_per_token == pytest.approx(prompt_per_token, rel=0.03)
     assert (policy.budget(StepLoad(16, 0)) == DraftBudget(2, 2)) is drafts
     assert policy.budget(StepLoad(16, prefill_tokens=200)) == policy.budget(StepLoad(16, 0))
+
+
+def test_load_aware_charges_an_undrafted_requests_prefill_over_what_it_may_still_emit() -> None:
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=0)
+    policy._prompt_tokens, policy._emitted_tokens = 250.0, 100.0  # as observe_step sums them
+    r = policy.prompt_per_token  # 2.5 prompt tokens per emitted token
+    drafted, tau = StepLoad(4, 0), 2.0
+    assert policy._prefill_behind(drafted, tau, lump=False) == pytest.approx(4 * tau * r)
+    newcomers = StepLoad(4, 0, undrafted=((120, 48),) * 4)  # 120 / 48 = R: as a drafted request
+    assert policy._prefill_behind(newcomers, tau, lump=False) == pytest.approx(4 * tau * r)
+    half_way = StepLoad(4, 0, undrafted=((144, 24),) * 4)  # 6 prompt tokens per token still to come
+    assert policy._prefill_behind(half_way, tau, lump=False) == pytest.approx(4 * tau * 6)
+    ending = StepLoad(4, 0, undrafted=((150, 1),) * 4)  # never more than the whole prompt
+    assert policy._prefill_behind(ending, tau, lump=False) == pytest.approx(4 * 150)
+    assert policy._prefill_behind(half_way, tau, lump=True) == pytest.approx(4 * 144)
+
+
+def test_load_aware_does_not_switch_to_trees_for_answers_nearly_done() -> None:
+    # trees win for requests the drafter holds; the same requests undrafted, two tokens from
+    # their end, would pay their whole prompt's drafter prefill for one step of trees
+    policy = LoadAwareDraft(cost=_steep_cost(), candidates=((0, 0), (2, 2)), explore_every=0)
+    policy.prefill_fit.weights[0] = 0.05
+    assert policy.budget(StepLoad(4, 0)) == DraftBudget(2, 2)
+    assert policy.budget(StepLoad(4, 0, undrafted=((200, 2),) * 4)) == NO_DRAFT
+
+
+def test_load_aware_decides_a_prompt_step_for_the_requests_about_to_decode() -> None:
+    # one request samples while 31 newcomers are prefilled: the steps to come decode 32 of them
+    policy = LoadAwareDraft(cost=_steep_cost(), explore_every=0)
+    assert policy.budget(StepLoad(1, 0)) != NO_DRAFT
+    assert policy.budget(StepLoad(32, 0)) == NO_DRAFT
+    assert policy.budget(StepLoad(1, prefill_tokens=500, num_joining=31)) == NO_DRAFT
+    assert policy.budget(StepLoad(1, prefill_tokens=500)) == policy.budget(StepLoad(1, 0))
 
 
 def test_load_aware_learns_the_drafters_prefill_per_token_apart_from_its_levels() -> None:
