@@ -273,12 +273,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     machine = machine_info()
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        models = build_models(Path(tmp))
-        pool = PrefixPool(models.ours, pool_blocks(), args.seed)
-        with tqdm(total=len(SINGLE_KS) + len(BATCH_SIZES) * len(BATCH_KS), unit="config") as bar:
-            single = run_single_curve(models, pool, repeats, gen, bar)
-            batch = run_batch_curve(models, pool, repeats, gen, bar)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build_models(Path(tmp))  # outside inference mode, as the engine loads its models
+        with torch.inference_mode():
+            pool = PrefixPool(models.ours, pool_blocks(), args.seed)
+            with tqdm(total=len(SINGLE_KS) + len(BATCH_SIZES) * len(BATCH_KS), unit="config") as bar:
+                single = run_single_curve(models, pool, repeats, gen, bar)
+                batch = run_batch_curve(models, pool, repeats, gen, bar)
     run = RunInfo(machine, model_info(models), setup(repeats))
     print(write_reports(Report(tuple(single), tuple(batch), run), args.out))
 

@@ -13,7 +13,9 @@ bits (|diff| <= 1e-4 on these shapes), as any other kernel's would.
 
 Each :class:`Linear` keeps its prepacked copy beside the parameter (twice the weight memory on a
 CPU, nothing on a GPU), made on first use and made again whenever the weight's storage or
-version changes (an in-place update by an optimizer or ``load_state_dict``).
+version changes (an in-place update by an optimizer or ``load_state_dict``). Weights created
+under ``torch.inference_mode`` have no version counter, so they are not prepacked: oneDNN then
+reorders them on every call (correct, slower; the loaders build weights outside that mode).
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ class Linear(nn.Linear):
     _packed: tuple[tuple[int, int], torch.Tensor] | None = None  # (weight's ptr, version), copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if uses_onednn(x, self.weight):
-            return linear_packed(x, self.packed_weight(), self.bias)
-        return F.linear(x, self.weight, self.bias)
+        if not uses_onednn(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        if self.weight.is_inference():  # no version counter: a copy could go stale unseen
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return linear_packed(x, self.packed_weight(), self.bias)
 
     def packed_weight(self) -> torch.Tensor:
         """The weight in oneDNN's layout, packed again if the weight changed since last time."""

@@ -66,3 +66,11 @@ def test_linear_module_keeps_nn_linear_parameter_names() -> None:
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 4)
     assert torch.equal(ours(x), theirs(x))
+
+
+def test_weights_made_in_inference_mode_run_unpacked() -> None:
+    with torch.inference_mode():
+        module = linear_module(BIG, 1)  # inference tensors: no version counter to watch
+        x = torch.randn(9, BIG[1])
+        assert torch.allclose(module(x), F.linear(x, module.weight, module.bias), atol=1e-4)
+    assert module._packed is None
