@@ -9,7 +9,7 @@ import pytest
 
 from core.draft import DraftBudget
 from scheduler.cost import CostCurve, CostModel
-from scheduler.policies import DraftPolicy, FixedDraft, LoadAwareDraft, NoDraft, StepRecord
+from scheduler.policies import DraftPolicy, FixedDraft, LoadAwareDraft, NoDraft, StepLoad, StepRecord
 from scheduler.request import Status
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from tests.scheduler.fakes import (
@@ -167,6 +167,31 @@ def test_drafter_prefill_counts_each_requests_tokens_at_its_first_tree(num_block
         assert prefills == 6 + 7 + 5 + 6  # each prompt once, before its first tree
     else:
         assert prefills > 6 + 7 + 5 + 6  # a preempted request's drafter encodes it all again
+
+
+class _RecordingLoads(NoDraft):
+    def __init__(self) -> None:
+        self.loads: list[StepLoad] = []
+
+    def budget(self, load: StepLoad) -> DraftBudget:
+        self.loads.append(load)
+        return super().budget(load)
+
+
+def test_the_policy_sees_undrafted_requests_and_the_ones_joining() -> None:
+    # request 0 decodes plainly for a while, then 1 and 2 arrive; 2's prompt waits for room
+    policy = _RecordingLoads()
+    sched, verifier = _scheduler(policy=policy, max_batch_tokens=8)
+    sched.add(make_request(0, num_prompt=4, max_tokens=10))
+    step(sched, verifier)
+    step(sched, verifier)
+    sched.add(make_request(1, num_prompt=6, max_tokens=10))
+    sched.add(make_request(2, num_prompt=6, max_tokens=10))
+    step(sched, verifier)
+    load = policy.loads[-1]
+    assert load.num_sampling == 1 and load.num_joining == 2  # both newcomers will sample soon
+    assert load.undrafted == ((4 + 2, 10 - 2),)  # request 0: its tokens, what it may still emit
+    assert load.prefill_tokens == 7  # what is left of the step's 8 tokens after request 0's one
 
 
 def test_preempted_request_recomputes_its_prompt_in_chunks() -> None:
