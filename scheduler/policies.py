@@ -203,8 +203,11 @@ class LoadAwareDraft:
     cost: CostModel  # calibrated forward curves: the fits' starting point
     # (nodes, depth); wider than deep: with nodes to spare for the runner-up where the drafter
     # hesitates, (8, 5) and (12, 6) ran 2.11x and 2.16x plain decoding for a single user with his
-    # adapter against 1.97x for the chain (8, 8) and 1.77x for (6, 6) (shipped models, side by side)
-    candidates: tuple[BudgetKey, ...] = ((0, 0), (2, 2), (4, 3), (6, 4), (8, 5), (12, 6), (16, 8))
+    # adapter against 1.97x for the chain (8, 8) and 1.77x for (6, 6) (shipped models, side by side).
+    # The small ones are as deep as their nodes: (4, 4) emitted 3.2 tokens a step where (4, 3)
+    # emitted 2.7 (one user, answers run past their end), and next to (2, 2) the flatter (4, 3)
+    # looked hardly better, so a single user's trees climbed out of (2, 2) only slowly
+    candidates: tuple[BudgetKey, ...] = ((0, 0), (2, 2), (4, 4), (6, 4), (8, 5), (12, 6), (16, 8))
     # (drafter KV use below which, r): the first row that applies wins; above all rows, the last r
     ratio_by_kv_use: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.8, 0.5), (1.0, 0.25))
     explore_every: int = 8  # decode steps between tries of a neighbouring budget (0: never)
