@@ -52,9 +52,10 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
 
 
-def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` with a weight from :func:`pack_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` on oneDNN; ``weight`` plain [out, in] (reordered on every call) or from
+    :func:`pack_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class Linear(nn.Linear):
@@ -67,8 +68,8 @@ class Linear(nn.Linear):
         if not uses_onednn(x, self.weight):
             return F.linear(x, self.weight, self.bias)
         if self.weight.is_inference():  # no version counter: a copy could go stale unseen
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return linear_packed(x, self.packed_weight(), self.bias)
+            return onednn_linear(x, self.weight, self.bias)
+        return onednn_linear(x, self.packed_weight(), self.bias)
 
     def packed_weight(self) -> torch.Tensor:
         """The weight in oneDNN's layout, packed again if the weight changed since last time."""

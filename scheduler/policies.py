@@ -28,11 +28,6 @@ class StepLoad:
     undrafted: tuple[tuple[int, int], ...] = ()
     num_joining: int = 0  # requests still in prefill (running or admissible): they sample soon
 
-    @property
-    def undrafted_tokens(self) -> int:
-        """Tokens the drafter would encode before this step's trees (its prefill, in full)."""
-        return sum(tokens for tokens, _ in self.undrafted)
-
 
 @dataclass(frozen=True)
 class StepRecord:
