@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -74,10 +75,17 @@ class ForwardBatch:
     embed_index: torch.Tensor | None  # [M] int64 rows of the packed batch whose embedding is replaced
     embeds: torch.Tensor | None  # [M, hidden]
     block_size: int
+    # the same lengths as Python ints, for shapes and loops without reading tensors back
+    host_num_new: tuple[int, ...]  # [B] new tokens per sequence
+    host_num_cached: tuple[int, ...]  # [B]
 
     @property
     def num_sequences(self) -> int:
-        return int(self.context_lens.shape[0])
+        return len(self.host_num_new)
+
+    @property
+    def host_context_lens(self) -> tuple[int, ...]:
+        return tuple(c + n for c, n in zip(self.host_num_cached, self.host_num_new, strict=True))
 
     @property
     def num_tokens(self) -> int:
@@ -107,47 +115,69 @@ class ForwardBatch:
             embed_index=move(self.embed_index),
             embeds=move(self.embeds),
             block_size=self.block_size,
+            host_num_new=self.host_num_new,
+            host_num_cached=self.host_num_cached,
         )
 
 
-def _slots(seq: SequenceInput, block_size: int) -> torch.Tensor:
-    kv_index = torch.arange(seq.num_cached, seq.context_len)
+def _slot_list(seq: SequenceInput, block_size: int) -> list[int]:
+    """Flat pool slots of the sequence's new tokens (KV indices ``num_cached .. context_len - 1``),
+    one ``range`` per block touched."""
     needed = (seq.context_len + block_size - 1) // block_size
     if len(seq.block_table) < needed:
         raise ValueError(
             f"block table has {len(seq.block_table)} blocks but {seq.context_len} KV entries "
             f"need {needed} blocks of {block_size}"
         )
-    table = torch.tensor(seq.block_table, dtype=torch.long)
-    return table[kv_index // block_size] * block_size + kv_index % block_size
+    slots: list[int] = []
+    index, stop = seq.num_cached, seq.context_len
+    while index < stop:
+        block, offset = divmod(index, block_size)
+        take = min(block_size - offset, stop - index)
+        first = seq.block_table[block] * block_size + offset
+        slots.extend(range(first, first + take))
+        index += take
+    return slots
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def pack(seqs: Sequence[SequenceInput], block_size: int) -> ForwardBatch:
-    """Concatenate the sequences' new tokens and derive slots and offsets."""
+    """Concatenate the sequences' new tokens and derive slots and offsets. Per-sequence values
+    are gathered in Python and turned into tensors once each: a drafter's forward over a few
+    tokens is dominated by per-op overhead, so this costs fewer ops than vectorising."""
     if not seqs:
         raise ValueError("pack needs at least one sequence")
-    counts = torch.tensor([s.num_new for s in seqs], dtype=torch.long)
-    starts = torch.zeros(len(seqs) + 1, dtype=torch.long)
-    starts[1:] = torch.cumsum(counts, 0)
+    num_new = tuple(s.num_new for s in seqs)
+    num_cached = tuple(s.num_cached for s in seqs)
+    contexts = [c + n for c, n in zip(num_cached, num_new, strict=True)]
+    starts = list(accumulate(num_new, initial=0))
     max_blocks = max(len(s.block_table) for s in seqs)
-    tables = torch.full((len(seqs), max_blocks), -1, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        tables[b, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
-    with_embeds = [(b, s) for b, s in enumerate(seqs) if s.embeds is not None]
+    tables = [[*s.block_table, *[-1] * (max_blocks - len(s.block_table))] for s in seqs]
+    slots = [slot for s in seqs for slot in _slot_list(s, block_size)]
+    with_embeds = [
+        (starts[b], s.embeds, s.embed_index)
+        for b, s in enumerate(seqs)
+        if s.embeds is not None and s.embed_index is not None
+    ]
     embed_index = embeds = None
     if with_embeds:
-        embed_index = torch.cat([s.embed_index + starts[b] for b, s in with_embeds])  # type: ignore[operator]
-        embeds = torch.cat([s.embeds for _, s in with_embeds])  # type: ignore[misc]
+        embed_index = _cat([index + start for start, _, index in with_embeds])
+        embeds = _cat([e for _, e, _ in with_embeds])
     return ForwardBatch(
-        token_ids=torch.cat([s.token_ids for s in seqs]),
-        positions=torch.cat([s.positions for s in seqs]),
-        query_starts=starts,
-        num_cached=torch.tensor([s.num_cached for s in seqs], dtype=torch.long),
-        context_lens=torch.tensor([s.context_len for s in seqs], dtype=torch.long),
-        block_tables=tables,
-        slot_mapping=torch.cat([_slots(s, block_size) for s in seqs]),
+        token_ids=_cat([s.token_ids for s in seqs]),
+        positions=_cat([s.positions for s in seqs]),
+        query_starts=torch.tensor(starts, dtype=torch.long),
+        num_cached=torch.tensor(num_cached, dtype=torch.long),
+        context_lens=torch.tensor(contexts, dtype=torch.long),
+        block_tables=torch.tensor(tables, dtype=torch.long),
+        slot_mapping=torch.tensor(slots, dtype=torch.long),
         attention_masks=tuple(s.attention_mask for s in seqs),
         embed_index=embed_index,
         embeds=embeds,
         block_size=block_size,
+        host_num_new=num_new,
+        host_num_cached=num_cached,
     )

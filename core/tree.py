@@ -25,9 +25,9 @@ class DraftTree:
                 f"token_ids {tuple(self.token_ids.shape)} and parents "
                 f"{tuple(self.parents.shape)} must be equal 1-D shapes"
             )
-        index = torch.arange(len(self.parents))
-        if bool(((self.parents >= index) | (self.parents < ROOT)).any()):
-            raise ValueError(f"parents must satisfy ROOT <= parents[i] < i, got {self.parents.tolist()}")
+        parents = self.parents.tolist()  # trees are small: Python beats a handful of tensor ops
+        if not all(ROOT <= p < i for i, p in enumerate(parents)):
+            raise ValueError(f"parents must satisfy ROOT <= parents[i] < i, got {parents}")
 
     @property
     def num_nodes(self) -> int:
@@ -42,16 +42,13 @@ class DraftTree:
 
     def ancestor_mask(self) -> torch.Tensor:
         """``[num_nodes, num_nodes]`` bool: ``mask[i, j]`` iff j is i or an ancestor of i."""
-        lines: list[list[int]] = []  # lines[i]: i's ancestors from the root down, then i
-        rows: list[int] = []
-        cols: list[int] = []
+        n = self.num_nodes
+        rows: list[list[bool]] = []  # row i: its parent's row with i added
         for i, p in enumerate(self.parents.tolist()):
-            lines.append([*lines[p], i] if p != ROOT else [i])
-            rows += [i] * len(lines[i])
-            cols += lines[i]
-        mask = torch.zeros(self.num_nodes, self.num_nodes, dtype=torch.bool)
-        mask[rows, cols] = True
-        return mask
+            row = rows[p].copy() if p != ROOT else [False] * n
+            row[i] = True
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.bool).view(n, n)  # view: an empty tree is [0, 0]
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root's child down to ``node``, inclusive."""

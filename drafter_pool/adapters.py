@@ -109,6 +109,10 @@ class AdapterRegistry:
         """``token_slots`` [T] int64 (``NO_ADAPTER`` for base tokens) -> the forward's adapters."""
         return self.stack.batch(token_slots)
 
+    def one_slot(self, slot: int, n: int) -> LoraBatch:
+        """The adapters of ``n`` tokens that all use ``slot`` (not ``NO_ADAPTER``)."""
+        return self.stack.one_slot(slot, n)
+
     def check_integrity(self) -> None:
         slots = list(self.resident.values())
         if len(set(slots)) != len(slots):

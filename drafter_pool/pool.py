@@ -257,6 +257,8 @@ class DrafterPool:
     def _lora(self, states: Sequence[_Drafting], seqs: Sequence[SequenceInput]) -> LoraBatch | None:
         if self.adapters is None or all(s.adapter is None for s in states):
             return None
+        if len({s.slot for s in states}) == 1:  # one adapter for every token (a single user)
+            return self.adapters.one_slot(states[0].slot, sum(seq.num_new for seq in seqs))
         slots = [torch.full((seq.num_new,), s.slot) for s, seq in zip(states, seqs, strict=True)]
         return self.adapters.batch(torch.cat(slots))
 

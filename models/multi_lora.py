@@ -219,7 +219,7 @@ class MultiLora:
         or None when no token uses an adapter (the forward then costs what the base one does)."""
         first = int(token_slots[0]) if len(token_slots) else NO_ADAPTER
         if bool((token_slots == first).all()):  # one slot for all (a single user): no sorting
-            return None if first == NO_ADAPTER else self._one_slot(first, len(token_slots))
+            return None if first == NO_ADAPTER else self.one_slot(first, len(token_slots))
         rows = (token_slots != NO_ADAPTER).nonzero().squeeze(1)
         if len(rows) == 0:
             return None
@@ -242,8 +242,9 @@ class MultiLora:
             merged=self.merges and layout is not None and len(rows) == len(token_slots),
         )
 
-    def _one_slot(self, slot: int, n: int) -> LoraBatch:
-        """The batch of ``n`` tokens that all use ``slot``."""
+    def one_slot(self, slot: int, n: int) -> LoraBatch:
+        """The batch of ``n`` tokens that all use ``slot`` (what :meth:`batch` returns for them,
+        without reading slots back from a tensor)."""
         self._check_loaded([slot])
         return LoraBatch(
             self,

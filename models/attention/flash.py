@@ -37,19 +37,19 @@ class FlashAttnBackend:
 
     def prepare(self, batch: ForwardBatch, scale: float) -> FlashMetadata:
         slots = []
-        for b in range(batch.num_sequences):
-            kv_index = torch.arange(int(batch.context_lens[b]), device=batch.block_tables.device)
+        contexts = batch.host_context_lens  # lengths from the host: no device reads
+        for b, context in enumerate(contexts):
+            kv_index = torch.arange(context, device=batch.block_tables.device)
             blocks = batch.block_tables[b, kv_index // batch.block_size]
             slots.append(blocks * batch.block_size + kv_index % batch.block_size)
         cu_k = torch.zeros(batch.num_sequences + 1, dtype=torch.int32, device=batch.context_lens.device)
         cu_k[1:] = torch.cumsum(batch.context_lens, 0)
-        counts = batch.query_starts[1:] - batch.query_starts[:-1]
         return FlashMetadata(
             kv_slots=torch.cat(slots),
             cu_seqlens_q=batch.query_starts.to(torch.int32),
             cu_seqlens_k=cu_k,
-            max_seqlen_q=int(counts.max()),
-            max_seqlen_k=int(batch.context_lens.max()),
+            max_seqlen_q=max(batch.host_num_new),
+            max_seqlen_k=max(contexts),
             scale=scale,
         )
 

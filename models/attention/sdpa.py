@@ -40,55 +40,59 @@ class SdpaMetadata:
 def gather_kv_slots(
     block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, max_kv: int
 ) -> torch.Tensor:
-    """``[G, max_kv]`` flat slots of each sequence's KV indices 0..context_len-1 (0 past the end)."""
+    """``[G, max_kv]`` flat slots of each sequence's KV indices 0..context_len-1 (0 past the end).
+    The longest sequence's table covers ``max_kv``, so every block column exists."""
     kv_index = torch.arange(max_kv, device=block_tables.device)
-    block_col = (kv_index // block_size).clamp(max=block_tables.shape[1] - 1)
-    slots = block_tables[:, block_col] * block_size + kv_index % block_size
-    return torch.where(kv_index[None, :] < context_lens[:, None], slots, torch.zeros_like(slots))
+    slots = block_tables[:, kv_index // block_size] * block_size + kv_index % block_size
+    return slots.masked_fill_(kv_index >= context_lens[:, None], 0)
 
 
 def build_mask(
-    num_cached: torch.Tensor,  # [G] int64
-    context_lens: torch.Tensor,  # [G] int64
+    num_cached: list[int],  # [G]
+    num_new: list[int],  # [G]
     custom_masks: list[torch.Tensor | None],  # per sequence [n, n] bool, None = causal
     max_q: int,
     max_kv: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """``[G, 1, max_q, max_kv]``: cached prefix fully visible, new tokens causal or per their mask."""
-    device = context_lens.device
     q = torch.arange(max_q, device=device)[None, :, None]
     j = torch.arange(max_kv, device=device)[None, None, :]
-    cached = num_cached[:, None, None]
-    num_new = (context_lens - num_cached)[:, None, None]
-    in_new = (j >= cached) & (j < cached + num_new)
-    mask = (j < cached) | (in_new & (j - cached <= q))
+    cached = torch.tensor(num_cached, device=device)[:, None, None]
+    new = torch.tensor(num_new, device=device)[:, None, None]
+    # query q sees KV j <= cached + q (its prefix, then causal); padded query rows (q >= new)
+    # see slot 0 only, so that no row is all False (NaN)
+    mask = (j <= cached + q) & ((q < new) | (j == 0))
     for b, custom in enumerate(custom_masks):
         if custom is not None:
-            n, c = custom.shape[0], int(num_cached[b])
+            n, c = custom.shape[0], num_cached[b]
             mask[b, :n, c : c + n] = custom
-    mask &= q < num_new
-    mask[:, :, 0] |= q[:, :, 0] >= num_new[:, :, 0]  # padded query rows see one slot: no NaN rows
     return mask[:, None]
 
 
-def prepare_group(batch: ForwardBatch, counts: torch.Tensor, members: list[int] | None) -> SdpaGroup:
+def prepare_group(batch: ForwardBatch, members: list[int] | None) -> SdpaGroup:
     """The padded call over ``members`` (sequence indices in batch order; None = all of them)."""
-    pick = slice(None) if members is None else torch.tensor(members, device=counts.device)
-    counts, starts = counts[pick], batch.query_starts[:-1][pick]
-    context_lens, num_cached = batch.context_lens[pick], batch.num_cached[pick]
-    max_q, max_kv = int(counts.max()), int(context_lens.max())
-    offsets = torch.arange(max_q, device=counts.device)[None, :]
-    valid = offsets < counts[:, None]
-    rows = torch.where(valid, starts[:, None] + offsets, torch.zeros_like(offsets))
-    customs = list(batch.attention_masks) if members is None else [batch.attention_masks[i] for i in members]
+    everyone = members is None
+    members = list(range(batch.num_sequences)) if members is None else members
+    device = batch.context_lens.device
+    new = [batch.host_num_new[i] for i in members]
+    cached = [batch.host_num_cached[i] for i in members]
+    contexts = [c + n for c, n in zip(cached, new, strict=True)]
+    max_q, max_kv = max(new), max(contexts)
+    pick = slice(None) if everyone else torch.tensor(members, device=device)
+    offsets = torch.arange(max_q, device=device)[None, :]
+    valid = offsets < torch.tensor(new, device=device)[:, None]
+    rows = torch.where(valid, batch.query_starts[:-1][pick][:, None] + offsets, 0)
+    customs = [batch.attention_masks[i] for i in members]
     # the single-sequence decode step (one new token, no tree) sees its whole context: no mask
     needs_mask = not (len(customs) == 1 and max_q == 1)
+    kv_slots = gather_kv_slots(batch.block_tables[pick], batch.context_lens[pick], batch.block_size, max_kv)
     return SdpaGroup(
-        kv_slots=gather_kv_slots(batch.block_tables[pick], context_lens, batch.block_size, max_kv),
+        kv_slots=kv_slots,
         query_rows=rows,
         query_valid=valid,
-        mask=build_mask(num_cached, context_lens, customs, max_q, max_kv) if needs_mask else None,
-        rows=None if members is None else rows[valid],
+        mask=build_mask(cached, new, customs, max_q, max_kv, device) if needs_mask else None,
+        rows=None if everyone else rows[valid],
     )
 
 
@@ -103,10 +107,9 @@ class SdpaBackend:
         return True
 
     def prepare(self, batch: ForwardBatch, scale: float) -> SdpaMetadata:
-        counts = batch.query_starts[1:] - batch.query_starts[:-1]
-        split = split_by_query_len(counts.tolist(), batch.context_lens.tolist())
+        split = split_by_query_len(batch.host_num_new, batch.host_context_lens)
         members: list[list[int] | None] = [None] if len(split) == 1 else list(split)
-        groups = tuple(prepare_group(batch, counts, m) for m in members)
+        groups = tuple(prepare_group(batch, m) for m in members)
         return SdpaMetadata(groups=groups, scale=scale, single=batch.num_sequences == 1)
 
     def attend(self, q: torch.Tensor, kv: PagedKVCache, layer: int, meta: SdpaMetadata) -> torch.Tensor:

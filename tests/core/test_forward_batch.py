@@ -47,3 +47,18 @@ def test_mask_shape_must_match_new_tokens() -> None:
 def test_embeds_without_index_are_rejected() -> None:
     with pytest.raises(ValueError, match="given together"):
         SequenceInput(torch.arange(2), torch.arange(2), (0,), 0, embeds=torch.ones(1, 4))
+
+
+def test_host_lengths_match_the_packed_tensors() -> None:
+    seqs = [
+        SequenceInput(torch.tensor([1, 2]), torch.tensor([7, 8]), (3, 4), 7),
+        SequenceInput(torch.tensor([3]), torch.tensor([0]), (0,), 0),
+        SequenceInput(torch.tensor([4, 5, 6]), torch.tensor([4, 5, 6]), (1, 2), 4),
+    ]
+    batch = pack(seqs, block_size=8)
+    assert batch.host_num_new == (2, 1, 3) and batch.host_num_cached == (7, 0, 4)
+    assert list(batch.host_context_lens) == batch.context_lens.tolist() == [9, 1, 7]
+    assert batch.num_sequences == 3
+    # second sequence's slot 0 of block 0; third's KV 4..6 in block 1 (offsets 4, 5, 6)
+    assert batch.slot_mapping.tolist() == [3 * 8 + 7, 4 * 8 + 0, 0, 12, 13, 14]
+    assert batch.block_tables.tolist() == [[3, 4], [0, -1], [1, 2]]

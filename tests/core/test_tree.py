@@ -38,3 +38,15 @@ def test_parent_after_child_is_rejected() -> None:
 def test_mismatched_shapes_are_rejected() -> None:
     with pytest.raises(ValueError, match="must be equal 1-D shapes"):
         DraftTree(torch.tensor([1, 2]), torch.tensor([-1]))
+
+
+def test_ancestor_mask_of_a_chain_is_lower_triangular_and_empty_tree_is_empty() -> None:
+    chain = DraftTree(torch.arange(4), torch.tensor([-1, 0, 1, 2]))
+    assert torch.equal(chain.ancestor_mask(), torch.ones(4, 4, dtype=torch.bool).tril())
+    empty = DraftTree(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+    assert empty.ancestor_mask().shape == (0, 0)
+
+
+def test_parent_below_root_is_rejected() -> None:
+    with pytest.raises(ValueError, match="parents must satisfy"):
+        DraftTree(torch.tensor([1, 2]), torch.tensor([-1, -2]))

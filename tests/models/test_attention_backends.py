@@ -9,6 +9,7 @@ from core.forward_batch import SequenceInput, pack
 from core.kv import KVLayout, PagedKVCache
 from models.attention import ATTENTION_BACKENDS, SdpaBackend, get_backend
 from models.attention.grouping import split_by_query_len
+from models.attention.sdpa import build_mask
 
 
 def test_registry_lists_sdpa_and_flash_attn() -> None:
@@ -118,3 +119,12 @@ def test_flash_attn_matches_sdpa_on_causal_batches() -> None:
     a = flash.attend(q, kv, 0, flash.prepare(batch, 64**-0.5))
     b = sdpa.attend(q, kv, 0, sdpa.prepare(batch, 64**-0.5))
     assert torch.allclose(a.float(), b.float(), atol=2e-3)
+
+
+def test_mask_shows_prefix_then_causal_or_tree_and_padded_rows_see_slot_zero() -> None:
+    tree = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    mask = build_mask([2, 1], [2, 1], [tree, None], max_q=2, max_kv=4, device=torch.device("cpu"))
+    assert mask.shape == (2, 1, 2, 4)
+    assert mask[0, 0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    # one cached token and one new one; its second query row is padding
+    assert mask[1, 0].int().tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
