@@ -100,7 +100,7 @@ def bookkeeping_ms(models: Models, pool: PrefixPool, sc: Scenario, repeats: int)
     """Medians of the whole step for both, and of parts of ours measured alone."""
     batch = pack(sc.seqs, BLOCK_SIZE)
     backend, scale = models.ours.backend, models.ours.cfg.head_dim**-0.5
-    slots = backend.prepare(batch, scale).kv_slots
+    slots = backend.prepare(batch, scale).groups[0].kv_slots  # scenarios here are one group
     cases = {
         "ours step": sc.ours,
         "hf step": sc.hf,

@@ -38,11 +38,11 @@ _ONEDNN = (
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` runs on oneDNN: fp32 on a CPU, inference, a big enough weight."""
     return (
-        _ONEDNN
+        weight.numel() >= ONEDNN_MIN_WEIGHT  # first: a small model's every call stops here
+        and _ONEDNN
         and x.dim() == 2
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
-        and weight.numel() >= ONEDNN_MIN_WEIGHT
         and not torch.is_grad_enabled()  # inference only: the op has no backward here
     )
 

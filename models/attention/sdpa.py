@@ -4,7 +4,9 @@ Per forward, the sequences are split into at most two groups by query length
 (:mod:`models.attention.grouping`: a prompt chunk does not pad every decode row to its length);
 for each group, its sequences' KV slots are gathered into a padded ``[G, max_kv]`` index and one
 boolean mask ``[G, 1, max_q, max_kv]`` is built, and every layer runs one batched SDPA call per
-group.
+group. A batch of one sequence (a single user's decode step, tree verification or draft level)
+pads nothing: its queries are used in place and its mask is a visible prefix plus its tree's.
+Lengths come from the batch's host-side copies, so preparing a forward reads no tensor back.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ class SdpaGroup:
     """Sequences attended in one padded call."""
 
     kv_slots: torch.Tensor  # [G, max_kv] int64 flat pool slots, 0 where padded
-    query_rows: torch.Tensor  # [G, max_q] int64 rows of the packed batch, 0 where padded
-    query_valid: torch.Tensor  # [G, max_q] bool
+    # [G, max_q] int64 rows of the packed batch (0 where padded) and bool; None for a batch of
+    # one sequence, whose queries are all rows in order
+    query_rows: torch.Tensor | None
+    query_valid: torch.Tensor | None
     mask: torch.Tensor | None  # [G, 1, max_q, max_kv] bool, True = may attend; None = all visible
     rows: torch.Tensor | None  # [n] int64 packed rows of out[query_valid]; None = all rows in order
 
@@ -34,7 +38,6 @@ class SdpaGroup:
 class SdpaMetadata:
     groups: tuple[SdpaGroup, ...]
     scale: float
-    single: bool  # one sequence: queries are all rows in order, no padding to gather or drop
 
 
 def gather_kv_slots(
@@ -70,8 +73,26 @@ def build_mask(
     return mask[:, None]
 
 
+def prepare_single(batch: ForwardBatch) -> SdpaGroup:
+    """The call of a batch of one sequence: nothing padded, so no query rows to gather, and its
+    mask is its tree's mask after a visible prefix (none for one causal token)."""
+    (new,), (cached,) = batch.host_num_new, batch.host_num_cached
+    custom = batch.attention_masks[0]
+    mask = None
+    if custom is not None:
+        mask = torch.ones(new, cached + new, dtype=torch.bool, device=custom.device)
+        mask[:, cached:] = custom
+        mask = mask[None, None]
+    elif new > 1:
+        mask = build_mask([cached], [new], [None], new, cached + new, batch.context_lens.device)
+    kv_slots = gather_kv_slots(batch.block_tables, batch.context_lens, batch.block_size, cached + new)
+    return SdpaGroup(kv_slots=kv_slots, query_rows=None, query_valid=None, mask=mask, rows=None)
+
+
 def prepare_group(batch: ForwardBatch, members: list[int] | None) -> SdpaGroup:
     """The padded call over ``members`` (sequence indices in batch order; None = all of them)."""
+    if batch.num_sequences == 1:
+        return prepare_single(batch)
     everyone = members is None
     members = list(range(batch.num_sequences)) if members is None else members
     device = batch.context_lens.device
@@ -84,8 +105,8 @@ def prepare_group(batch: ForwardBatch, members: list[int] | None) -> SdpaGroup:
     valid = offsets < torch.tensor(new, device=device)[:, None]
     rows = torch.where(valid, batch.query_starts[:-1][pick][:, None] + offsets, 0)
     customs = [batch.attention_masks[i] for i in members]
-    # the single-sequence decode step (one new token, no tree) sees its whole context: no mask
-    needs_mask = not (len(customs) == 1 and max_q == 1)
+    # one decode row alone in its group sees its whole context, unpadded: no mask
+    needs_mask = not (len(members) == 1 and max_q == 1)
     kv_slots = gather_kv_slots(batch.block_tables[pick], batch.context_lens[pick], batch.block_size, max_kv)
     return SdpaGroup(
         kv_slots=kv_slots,
@@ -110,7 +131,7 @@ class SdpaBackend:
         split = split_by_query_len(batch.host_num_new, batch.host_context_lens)
         members: list[list[int] | None] = [None] if len(split) == 1 else list(split)
         groups = tuple(prepare_group(batch, m) for m in members)
-        return SdpaMetadata(groups=groups, scale=scale, single=batch.num_sequences == 1)
+        return SdpaMetadata(groups=groups, scale=scale)
 
     def attend(self, q: torch.Tensor, kv: PagedKVCache, layer: int, meta: SdpaMetadata) -> torch.Tensor:
         if len(meta.groups) == 1:
@@ -130,8 +151,9 @@ class SdpaBackend:
         flat_slots = group.kv_slots.flatten()  # index_select is several times faster than [] here
         keys = kv.flat_keys(layer).index_select(0, flat_slots).view(shape).transpose(1, 2)
         values = kv.flat_values(layer).index_select(0, flat_slots).view(shape).transpose(1, 2)
-        queries = (q[None] if meta.single else q[group.query_rows]).transpose(1, 2)  # [G, heads, max_q, D]
+        rows, valid = group.query_rows, group.query_valid
+        queries = (q[None] if rows is None else q[rows]).transpose(1, 2)  # [G, heads, max_q, D]
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=group.mask, scale=meta.scale, enable_gqa=True
         ).transpose(1, 2)
-        return out[0] if meta.single else out[group.query_valid]
+        return out[0] if valid is None else out[valid]

@@ -74,6 +74,25 @@ def test_sdpa_split_batch_matches_naive_attention_in_packed_order() -> None:
     assert torch.allclose(out, torch.stack(expected), atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["tree", "causal chunk", "decode row"])
+def test_sdpa_one_sequence_matches_naive_attention(case: str) -> None:
+    kv = _random_pool(num_blocks=8, seed=2)
+    tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    n, mask = {"tree": (3, tree), "causal chunk": (3, None), "decode row": (1, None)}[case]
+    seq = SequenceInput(torch.zeros(n, dtype=torch.long), torch.arange(n), (6, 1), 5, attention_mask=mask)
+    q = torch.randn(n, 4, 8)
+    backend = SdpaBackend()
+    meta = backend.prepare(pack([seq], 4), scale=8**-0.5)
+    out = backend.attend(q, kv, 0, meta)
+    rows = tree if mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
+    expected = [
+        _naive(q[i], kv, (6, 1), 5 + n, rows[i] if mask is not None else rows[i, : i + 1], 5)
+        for i in range(n)
+    ]
+    assert torch.allclose(out, torch.stack(expected), atol=1e-5)
+    assert (meta.groups[0].mask is None) == (case == "decode row")
+
+
 def _random_pool(num_blocks: int, seed: int) -> PagedKVCache:
     """One layer, blocks of 4, 2 KV heads of 8 dims, random keys and values."""
     torch.manual_seed(seed)
