@@ -84,7 +84,10 @@ class LoraBatch:
         if not self.merged:
             return self.add_to(linear(x), layer, projection, x)
         weights = self.stack.merged_weights(layer, projection, linear.weight, self.slots, self.slot_span)
-        out = self._unpad(torch.bmm(self._pad(self._grouped_rows(x)), weights))
+        if len(weights) == 1 and self.span:  # one adapter for all rows, in order: a plain matmul
+            out = torch.mm(x, weights[0])
+        else:
+            out = self._unpad(torch.bmm(self._pad(self._grouped_rows(x)), weights))
         if linear.bias is not None:
             out += linear.bias
         if self.span:  # every row uses an adapter, so the span is all of them, in order
