@@ -97,8 +97,9 @@ class Attention(nn.Module):
         )
         qk = apply_rotary(qkv[:, : h + self.num_kv_heads], *rope)  # queries and keys rotate together
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + self.num_kv_heads :]
-        kv.flat_keys(self.layer)[batch.slot_mapping] = k.to(kv.keys.dtype)
-        kv.flat_values(self.layer)[batch.slot_mapping] = v.to(kv.values.dtype)
+        # each new token owns its slot (no duplicates): index_copy_ is index_put's cheaper twin
+        kv.flat_keys(self.layer).index_copy_(0, batch.slot_mapping, k.to(kv.keys.dtype))
+        kv.flat_values(self.layer).index_copy_(0, batch.slot_mapping, v.to(kv.values.dtype))
         out = backend.attend(q, kv, self.layer, meta)
         out = out.reshape(t, self.num_heads * self.head_dim)
         return project(self.o_proj, out, lora, self.layer, "self_attn.o_proj")
