@@ -1,9 +1,10 @@
 """One verifier forward for many requests' draft trees vs one forward per request.
 
 Each of B ShapesWorld prompts is prefilled into the target's paged pool; a timed case then
-verifies an 8-node draft tree (two branches under the root, chains below) for every request:
-``packed`` in one ``TargetVerifier.verify`` call, ``separate`` in B calls. Nothing is committed,
-so every repeat verifies the same trees.
+verifies a draft tree for every request: ``packed`` in one ``TargetVerifier.verify`` call,
+``separate`` in B calls. The headline tree has 8 nodes (two branches under the root, chains
+below); smaller trees are its first 2 and 4 nodes, the sizes of ``load_aware``'s smallest budgets.
+Nothing is committed, so every repeat verifies the same trees.
 
     .venv/bin/python -m benchmarks.verify_batch [--repeats 20]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,11 @@ from verifier.target import TargetVerifier
 TARGET = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-target"
 TREE = DraftTree(torch.tensor([10, 11, 12, 13, 14, 15, 16, 17]), torch.tensor([-1, -1, 0, 1, 2, 3, 4, 5]))
 BATCHES = (1, 4, 16)
+TREE_SIZES = (2, 4, 8)  # the first nodes of TREE (parents come first, so each is a tree)
+
+
+def first_nodes(tree: DraftTree, k: int) -> DraftTree:
+    return DraftTree(tree.token_ids[:k], tree.parents[:k])
 
 
 def prefilled_items(
@@ -75,33 +82,39 @@ def main() -> None:
     pool = BlockPool(model.decoder.kv_layout(1024, 16))
     verifier, encoder = TargetVerifier(model, pool.kv), PromptEncoder(model)
     items = prefilled_items(verifier, encoder, pool, max(BATCHES))
-    rows: dict[str, Any] = {}
-    for b in BATCHES:
-        batch = items[:b]
-        cases = {
-            "packed": Case(run=lambda batch=batch: verifier.verify(batch)),
-            "separate": Case(run=lambda batch=batch: [verifier.verify([item]) for item in batch]),
-        }
-        warm_up(cases, 2)
-        timing = time_interleaved(cases, args.repeats)
-        tokens = b * (1 + TREE.num_nodes)
-        rows[str(b)] = {name: t.as_dict(tokens) for name, t in timing.items()}
-        rows[str(b)]["packed_throughput_over_separate"] = (
-            timing["separate"].median_ms / timing["packed"].median_ms
-        )
-        print(
-            f"B={b}: packed {timing['packed'].median_ms:.1f} ms, "
-            f"separate {timing['separate'].median_ms:.1f} ms"
-        )
+    by_tree: dict[str, dict[str, Any]] = {}  # tree nodes -> "B" -> timings
+    for nodes in TREE_SIZES:
+        tree = first_nodes(TREE, nodes)
+        sized = [replace(item, draft=DraftProposal(item.request_id, tree)) for item in items]
+        by_tree[str(nodes)] = {str(b): time_batch(verifier, sized[:b], nodes, args.repeats) for b in BATCHES}
+    rows = by_tree[str(TREE.num_nodes)]
     report = {
         "benchmark": "verify_batch",
         "tree_nodes": TREE.num_nodes,
         "machine": machine_info(),
         "batches": rows,
+        "by_tree_nodes": by_tree,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "verify_batch.json").write_text(json.dumps(report, indent=1))
     write_markdown_and_plot(report, args.out / "verify_batch")
+
+
+def time_batch(verifier: TargetVerifier, batch: list[VerifyItem], nodes: int, repeats: int) -> dict[str, Any]:
+    """Medians of verifying ``batch`` in one call and in one call per item."""
+    cases = {
+        "packed": Case(run=lambda: verifier.verify(batch)),
+        "separate": Case(run=lambda: [verifier.verify([item]) for item in batch]),
+    }
+    warm_up(cases, 2)
+    timing = time_interleaved(cases, repeats)
+    row: dict[str, Any] = {name: t.as_dict(len(batch) * (1 + nodes)) for name, t in timing.items()}
+    row["packed_throughput_over_separate"] = timing["separate"].median_ms / timing["packed"].median_ms
+    print(
+        f"{nodes}-node trees, B={len(batch)}: packed {timing['packed'].median_ms:.1f} ms, "
+        f"separate {timing['separate'].median_ms:.1f} ms"
+    )
+    return row
 
 
 def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
@@ -123,8 +136,23 @@ def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
             f"| {b} | {row['packed']['median_ms']:.1f} | {row['separate']['median_ms']:.1f} | "
             f"{row['packed_throughput_over_separate']:.2f}x |"
         )
+    by_tree = report.get("by_tree_nodes", {})
+    if by_tree:
+        sizes = list(by_tree)
+        lines += [
+            "",
+            "Packed throughput / separate by tree size (the first nodes of the same tree; "
+            "rows per request = nodes + 1).",
+            "",
+            "| requests | " + " | ".join(f"{n}-node trees" for n in sizes) + " |",
+            "| ---: | " + " | ".join("---:" for _ in sizes) + " |",
+        ]
+        for b in batches:
+            cells = [f"{by_tree[n][b]['packed_throughput_over_separate']:.2f}x" for n in sizes]
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, axes = plt.subplots(1, 2 if by_tree else 1, figsize=(10 if by_tree else 5, 3.5), squeeze=False)
+    ax = axes[0][0]
     xs = [int(b) for b in batches]
     ax.plot(xs, [batches[b]["packed"]["median_ms"] for b in batches], "o-", label="one packed forward")
     ax.plot(xs, [batches[b]["separate"]["median_ms"] for b in batches], "s-", label="separate forwards")
@@ -132,7 +160,18 @@ def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
     ax.set_ylabel("ms (median)")
     ax.set_xscale("log", base=2)
     ax.legend()
-    ax.set_title("Batched tree verification, tiny target")
+    ax.set_title(f"{report['tree_nodes']}-node trees, tiny target")
+    if by_tree:
+        ax = axes[0][1]
+        for n, row in by_tree.items():
+            ratios = [row[b]["packed_throughput_over_separate"] for b in batches]
+            ax.plot(xs, ratios, "o-", label=f"{n}-node trees")
+        ax.axhline(4.0, color="grey", linestyle=":", label="goal at 16 requests")
+        ax.set_xlabel("requests verified")
+        ax.set_ylabel("packed throughput / separate")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+        ax.set_title("Batching gain by tree size")
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
     plt.close(fig)
