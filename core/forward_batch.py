@@ -17,6 +17,8 @@ from itertools import accumulate
 
 import torch
 
+from core.kv import slot_list
+
 
 @dataclass(frozen=True)
 class SequenceInput:
@@ -121,23 +123,14 @@ class ForwardBatch:
 
 
 def _slot_list(seq: SequenceInput, block_size: int) -> list[int]:
-    """Flat pool slots of the sequence's new tokens (KV indices ``num_cached .. context_len - 1``),
-    one ``range`` per block touched."""
+    """Flat pool slots of the sequence's new tokens (KV indices ``num_cached .. context_len - 1``)."""
     needed = (seq.context_len + block_size - 1) // block_size
     if len(seq.block_table) < needed:
         raise ValueError(
             f"block table has {len(seq.block_table)} blocks but {seq.context_len} KV entries "
             f"need {needed} blocks of {block_size}"
         )
-    slots: list[int] = []
-    index, stop = seq.num_cached, seq.context_len
-    while index < stop:
-        block, offset = divmod(index, block_size)
-        take = min(block_size - offset, stop - index)
-        first = seq.block_table[block] * block_size + offset
-        slots.extend(range(first, first + take))
-        index += take
-    return slots
+    return slot_list(seq.block_table, seq.num_cached, seq.context_len, block_size)
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

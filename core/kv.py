@@ -8,9 +8,25 @@ sequence sits in block ``block_table[i // block_size]`` at offset ``i % block_si
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+def slot_list(block_table: Sequence[int], start: int, stop: int, block_size: int) -> list[int]:
+    """Flat slots of a sequence's KV indices ``[start, stop)`` under ``block_table`` (which must
+    cover ``stop``), one ``range`` per block touched: for the few indices of a decode step or a
+    draft tree, cheaper than the handful of tensor ops a vectorised lookup takes."""
+    slots: list[int] = []
+    index = start
+    while index < stop:
+        block, offset = divmod(index, block_size)
+        take = min(block_size - offset, stop - index)
+        first = block_table[block] * block_size + offset
+        slots.extend(range(first, first + take))
+        index += take
+    return slots
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from itertools import pairwise
 
 import torch
 
+from core.kv import slot_list
 from kvcache.block_pool import BlockPool, IntegrityError, OutOfBlocksError
 
 
@@ -72,11 +73,8 @@ class SequenceBlocks:
         """Flat pool slots ``[end - start]`` int64 of KV indices ``[start, end)``."""
         if not 0 <= start <= end <= self.capacity:
             raise ValueError(f"KV range [{start}, {end}) is outside the reserved [0, {self.capacity})")
-        size = self.pool.block_size
-        device = self.pool.kv.keys.device
-        index = torch.arange(start, end, dtype=torch.long, device=device)
-        table = torch.tensor(self.blocks, dtype=torch.long, device=device)
-        return table[index // size] * size + index % size
+        slots = slot_list(self.blocks, start, end, self.pool.block_size)
+        return torch.tensor(slots, dtype=torch.long, device=self.pool.kv.keys.device)
 
     def commit(self, num_new: int, keep: Sequence[int]) -> None:
         """Keep the new entries at offsets ``keep`` of the ``num_new`` just written; drop the rest.
