@@ -18,6 +18,7 @@ import torch
 
 from models.config import DecoderConfig
 from models.decoder import Decoder, fuse_hf_weights, hf_names
+from models.host_allocator import keep_freed_memory
 from models.vision import VisionEncoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -174,7 +175,9 @@ ARCHITECTURES: dict[str, Callable[[Path, torch.dtype, str], LoadedModel]] = {
 
 
 def load_model(path: str | Path, dtype: str = "fp32", attention_backend: str = "sdpa") -> LoadedModel:
-    """Load the checkpoint folder ``path``; ``dtype`` is one of fp32, bf16, fp16."""
+    """Load the checkpoint folder ``path``; ``dtype`` is one of fp32, bf16, fp16. A process that
+    loads a model runs its forwards: from then on it keeps freed memory for the next forward's
+    activations (``models.host_allocator``)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     folder = Path(path)
@@ -186,6 +189,7 @@ def load_model(path: str | Path, dtype: str = "fp32", attention_backend: str = "
             f"architecture {architectures or config.get('model_type')} in {folder / 'config.json'} is not "
             f"supported; supported: {sorted(ARCHITECTURES)}"
         )
+    keep_freed_memory()
     return ARCHITECTURES[supported[0]](folder, DTYPES[dtype], attention_backend)
 
 
