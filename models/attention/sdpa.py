@@ -6,7 +6,9 @@ for each group, its sequences' KV slots are gathered into a padded ``[G, max_kv]
 boolean mask ``[G, 1, max_q, max_kv]`` is built, and every layer runs one batched SDPA call per
 group. A batch of one sequence (a single user's decode step, tree verification or draft level)
 pads nothing: its queries are used in place and its mask is a visible prefix plus its tree's.
-Lengths come from the batch's host-side copies, so preparing a forward reads no tensor back.
+Several sequences of several queries each (draft trees, chunks) attend with the query heads that
+share a KV head folded into the rows of one head (:func:`attend_folded`). Lengths come from the
+batch's host-side copies, so preparing a forward reads no tensor back.
 """
 
 from __future__ import annotations
@@ -153,7 +155,39 @@ class SdpaBackend:
         values = kv.flat_values(layer).index_select(0, flat_slots).view(shape).transpose(1, 2)
         rows, valid = group.query_rows, group.query_valid
         queries = (q[None] if rows is None else q[rows]).transpose(1, 2)  # [G, heads, max_q, D]
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=group.mask, scale=meta.scale, enable_gqa=True
-        ).transpose(1, 2)
+        if fold_query_heads(queries.shape, keys.shape[1]):
+            out = attend_folded(queries, keys, values, group.mask, meta.scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=group.mask, scale=meta.scale, enable_gqa=True
+            )
+        out = out.transpose(1, 2)
         return out[0] if valid is None else out[valid]
+
+
+def fold_query_heads(query_shape: torch.Size, kv_heads: int) -> bool:
+    """Whether the query heads sharing a KV head attend as rows of one head: for several
+    sequences of several queries each (on the tiny target, 16 requests' 8-node trees: 523 -> 397
+    us a layer, the packed verification 23.1 -> 22.6 ms; 4 requests' 3-token items: 101 -> 73 us
+    a layer). One query a sequence (decode) is faster left to SDPA's own grouping (115 against 163
+    us for 16 rows), and so is a single sequence (the tiny drafter's levels: 14 against 30 us)."""
+    num_seqs, heads, max_q, _ = query_shape
+    return num_seqs > 1 and max_q > 1 and heads > kv_heads
+
+
+def attend_folded(
+    queries: torch.Tensor,  # [G, heads, max_q, D]
+    keys: torch.Tensor,  # [G, kv_heads, max_kv, D]
+    values: torch.Tensor,  # [G, kv_heads, max_kv, D]
+    mask: torch.Tensor | None,  # [G, 1, max_q, max_kv] bool
+    scale: float,
+) -> torch.Tensor:
+    """Grouped-query attention with the ``heads / kv_heads`` query heads of each KV head as
+    ``group x max_q`` rows of one head (every row still sees only its own mask row): exactly
+    what ``enable_gqa`` computes, in fewer, larger kernel calls. -> [G, heads, max_q, D]"""
+    num_seqs, heads, max_q, dim = queries.shape
+    group = heads // keys.shape[1]
+    folded = queries.reshape(num_seqs, keys.shape[1], group * max_q, dim)  # rows: (head in group, query)
+    rows_mask = None if mask is None else mask.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=rows_mask, scale=scale)
+    return out.view(num_seqs, heads, max_q, dim)

@@ -4,12 +4,13 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.forward_batch import SequenceInput, pack
 from core.kv import KVLayout, PagedKVCache
 from models.attention import ATTENTION_BACKENDS, SdpaBackend, get_backend
 from models.attention.grouping import split_by_query_len
-from models.attention.sdpa import build_mask
+from models.attention.sdpa import attend_folded, build_mask, fold_query_heads
 
 
 def test_registry_lists_sdpa_and_flash_attn() -> None:
@@ -147,3 +148,22 @@ def test_mask_shows_prefix_then_causal_or_tree_and_padded_rows_see_slot_zero() -
     assert mask[0, 0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     # one cached token and one new one; its second query row is padding
     assert mask[1, 0].int().tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_query_heads_folded_into_rows_equal_sdpa_grouping_bit_for_bit(kv_heads: int) -> None:
+    gen = torch.Generator().manual_seed(kv_heads)
+    num_seqs, heads, max_q, max_kv, dim = 3, 6, 4, 10, 8
+    queries = torch.randn(num_seqs, max_q, heads, dim, generator=gen).transpose(1, 2)  # packed-row view
+    keys, values = (torch.randn(num_seqs, max_kv, kv_heads, dim, generator=gen).transpose(1, 2) for _ in "kv")
+    mask = torch.rand(num_seqs, 1, max_q, max_kv, generator=gen) > 0.4
+    mask[..., 0] = True  # every row (padded ones too) sees something
+    grouped = F.scaled_dot_product_attention(queries, keys, values, mask, scale=0.3, enable_gqa=True)
+    assert torch.equal(attend_folded(queries, keys, values, mask, 0.3), grouped)
+
+
+def test_query_heads_are_folded_only_for_several_sequences_of_several_queries() -> None:
+    assert fold_query_heads(torch.Size((16, 6, 9, 64)), kv_heads=2)  # 16 requests' 8-node trees
+    assert not fold_query_heads(torch.Size((16, 6, 1, 64)), kv_heads=2)  # decode rows
+    assert not fold_query_heads(torch.Size((1, 6, 9, 64)), kv_heads=2)  # one sequence
+    assert not fold_query_heads(torch.Size((16, 6, 9, 64)), kv_heads=6)  # no grouping to fold
