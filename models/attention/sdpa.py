@@ -183,8 +183,9 @@ def attend_folded(
     scale: float,
 ) -> torch.Tensor:
     """Grouped-query attention with the ``heads / kv_heads`` query heads of each KV head as
-    ``group x max_q`` rows of one head (every row still sees only its own mask row): exactly
-    what ``enable_gqa`` computes, in fewer, larger kernel calls. -> [G, heads, max_q, D]"""
+    ``group x max_q`` rows of one head (every row still sees only its own mask row): what
+    ``enable_gqa`` computes, row for row the same arithmetic (bit-identical on the dev machine),
+    in fewer, larger kernel calls. -> [G, heads, max_q, D]"""
     num_seqs, heads, max_q, dim = queries.shape
     group = heads // keys.shape[1]
     folded = queries.reshape(num_seqs, keys.shape[1], group * max_q, dim)  # rows: (head in group, query)

@@ -151,7 +151,7 @@ def test_mask_shows_prefix_then_causal_or_tree_and_padded_rows_see_slot_zero() -
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
-def test_query_heads_folded_into_rows_equal_sdpa_grouping_bit_for_bit(kv_heads: int) -> None:
+def test_query_heads_folded_into_rows_equal_sdpa_grouping(kv_heads: int) -> None:
     gen = torch.Generator().manual_seed(kv_heads)
     num_seqs, heads, max_q, max_kv, dim = 3, 6, 4, 10, 8
     queries = torch.randn(num_seqs, max_q, heads, dim, generator=gen).transpose(1, 2)  # packed-row view
@@ -159,7 +159,9 @@ def test_query_heads_folded_into_rows_equal_sdpa_grouping_bit_for_bit(kv_heads: 
     mask = torch.rand(num_seqs, 1, max_q, max_kv, generator=gen) > 0.4
     mask[..., 0] = True  # every row (padded ones too) sees something
     grouped = F.scaled_dot_product_attention(queries, keys, values, mask, scale=0.3, enable_gqa=True)
-    assert torch.equal(attend_folded(queries, keys, values, mask, 0.3), grouped)
+    # the same per-row arithmetic (bit-identical on the dev machine); a mixed-up head or row
+    # would be off by O(1)
+    torch.testing.assert_close(attend_folded(queries, keys, values, mask, 0.3), grouped, rtol=0, atol=1e-6)
 
 
 def test_query_heads_are_folded_only_for_several_sequences_of_several_queries() -> None:
