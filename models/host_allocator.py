@@ -36,12 +36,17 @@ SETTINGS = (
 _applied: bool | None = None
 
 
+def on_glibc() -> bool:
+    """Whether this process's C library is glibc (whose ``mallopt`` this module calls)."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory for reuse (once per process); True if it did.
     Setting any of these turns off glibc's own drifting of the thresholds."""
     global _applied
     if _applied is None:
-        _applied = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and _mallopt()
+        _applied = on_glibc() and _mallopt()
     return _applied
 
 

@@ -3,9 +3,7 @@ in fresh pages (glibc's malloc keeps what is freed)."""
 
 from __future__ import annotations
 
-import platform
 import resource
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +11,11 @@ import torch
 
 from core.forward_batch import SequenceInput, pack
 from core.kv import PagedKVCache
-from models.host_allocator import keep_freed_memory
+from models.host_allocator import keep_freed_memory, on_glibc
 from models.loader import load_model
 
 TINY_TARGET = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-target"
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-pytestmark = pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+pytestmark = pytest.mark.skipif(not on_glibc(), reason="mallopt is glibc's")
 BLOCK_SIZE = 16
 
 
@@ -31,7 +28,7 @@ def sequence(index: int, cached: int, new: int, vocab: int) -> SequenceInput:
     return SequenceInput(
         token_ids=torch.randint(0, vocab, (new,)),
         positions=torch.arange(cached, cached + new),
-        block_table=torch.arange(index * 40, index * 40 + blocks),
+        block_table=tuple(range(index * 40, index * 40 + blocks)),
         num_cached=cached,
     )
 
