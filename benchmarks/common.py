@@ -29,10 +29,15 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """The host, and the GPU where ``device`` is one (where the timed models ran)."""
     import transformers
 
+    gpu = {}
+    if device is not None and device.type == "cuda":
+        gpu = {"gpu": torch.cuda.get_device_name(device), "cuda_version": torch.version.cuda}
     return {
+        **gpu,
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -26,11 +26,13 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info
 from core.sampling import SamplingParams
+from models.device import resolve_device
 from models.tiny.samples import EVAL_SEED_START, make_sample
 from serve.chat import chat_prompt
 from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
@@ -99,10 +101,14 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes per policy and level")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--device", default="cpu", help="where the engines' models run: cpu, cuda or cuda:N")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     engines = {
         name: build_engine(
-            CHECKPOINTS / "tiny-target", None if name == "none" else CHECKPOINTS / "tiny-drafter", o
+            CHECKPOINTS / "tiny-target",
+            None if name == "none" else CHECKPOINTS / "tiny-drafter",
+            replace(o, device=str(device)),
         )
         for name, o in POLICIES.items()
     }
@@ -131,7 +137,7 @@ def main() -> None:
         "waves": args.waves,
         "min_requests": args.min_requests,
         "warmup": args.warmup,
-        "machine": machine_info(),
+        "machine": machine_info(device),
         "policies": results,
     }
     report["load_aware_over_best_other"] = {

@@ -33,6 +33,7 @@ import torch
 from benchmarks.common import Case, machine_info, time_interleaved
 from core.sampling import SamplingParams
 from drafter_pool.tree_search import TreeShape
+from models.device import resolve_device
 from models.tiny.samples import EVAL_SEED_START, make_sample
 from serve.chat import chat_prompt
 from serve.engine_builder import EngineOptions, build_engine
@@ -68,18 +69,19 @@ def ours(
 
 
 def transformers_runner(
-    assisted: bool, adapter: str | None = None
+    assisted: bool, adapter: str | None = None, device: str = "cpu"
 ) -> Callable[[list[Any], SamplingParams], Outcome]:
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
     load = AutoModelForImageTextToText.from_pretrained
-    target = load(TARGET, local_files_only=True, dtype=torch.float32).eval()
+    target = load(TARGET, local_files_only=True, dtype=torch.float32).eval().to(device)
     assistant = load(DRAFTER, local_files_only=True, dtype=torch.float32).eval() if assisted else None
     if assistant is not None and adapter is not None:
         from peft import PeftModel
 
         assistant = PeftModel.from_pretrained(assistant, CHECKPOINTS / "adapters" / adapter)
         assistant = assistant.merge_and_unload().eval()
+    assistant = None if assistant is None else assistant.to(device)
     processor = AutoProcessor.from_pretrained(TARGET, local_files_only=True)
 
     @torch.inference_mode()
@@ -95,7 +97,7 @@ def transformers_runner(
         tokens = []
         for s in samples:
             chat = processor.apply_chat_template(s.messages(), add_generation_prompt=True)
-            enc = processor(images=s.image(), text=chat, return_tensors="pt")
+            enc = processor(images=s.image(), text=chat, return_tensors="pt").to(device)
             out = target.generate(**enc, generation_config=config, assistant_model=assistant)
             tokens.append(out[0, enc["input_ids"].shape[1] :].tolist())
         return Outcome(tokens)
@@ -109,15 +111,15 @@ def contenders(base: EngineOptions, mode: str) -> dict[str, Callable[[list[Any],
             "ours_spec": ours(base, spec=True),
             "ours_spec_adapter": ours(base, spec=True, adapter=LONG_USER),
             "ours_no_spec": ours(base, spec=False),
-            "hf_generate": transformers_runner(assisted=False),
-            "hf_assisted": transformers_runner(assisted=True),
-            "hf_assisted_adapter": transformers_runner(assisted=True, adapter=LONG_USER),
+            "hf_generate": transformers_runner(assisted=False, device=base.device),
+            "hf_assisted": transformers_runner(assisted=True, device=base.device),
+            "hf_assisted_adapter": transformers_runner(assisted=True, adapter=LONG_USER, device=base.device),
         }
     return {
         "ours_spec": ours(base, spec=True),
         "ours_no_spec": ours(base, spec=False),
-        "hf_generate": transformers_runner(assisted=False),
-        "hf_assisted": transformers_runner(assisted=True),
+        "hf_generate": transformers_runner(assisted=False, device=base.device),
+        "hf_assisted": transformers_runner(assisted=True, device=base.device),
         "ablation_no_gating": ours(replace(base, tree=replace(base.tree, stop_margin=0.0)), spec=True),
         "ablation_no_branching": ours(replace(base, tree=replace(base.tree, branch_margin=0.0)), spec=True),
         "ablation_fixed_depth_6": ours(replace(base, policy="fixed", fixed_nodes=6), spec=True),
@@ -143,11 +145,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="run only these contenders")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--device", default="cpu", help="where all contenders run: cpu, cuda or cuda:N")
     args = parser.parse_args()
     samples = prompts(args.mode, args.prompts)
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.mode == "forced")
     # prefix cache off: every pass recomputes its prompts, as transformers' generate does
-    runners = contenders(EngineOptions(tree=TreeShape(), prefix_cache=False), args.mode)
+    device = str(resolve_device(args.device))
+    runners = contenders(EngineOptions(tree=TreeShape(), prefix_cache=False, device=device), args.mode)
     runners = {k: v for k, v in runners.items() if not args.only or k in args.only}
     results: dict[str, Outcome] = {}
 
@@ -192,7 +196,7 @@ def summarize(
         "max_tokens": args.max_tokens,
         "mean_output_tokens": sum(len(t) for t in ref.tokens) / len(ref.tokens),
         "repeats": args.repeats,
-        "machine": machine_info(),
+        "machine": machine_info(resolve_device(args.device)),
         "headlines": heads,
         "contenders": rows,
     }

@@ -77,8 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--device", default="cpu", help="where the target runs: cpu, cuda or cuda:N")
     args = parser.parse_args()
-    model = load_model(TARGET)
+    model = load_model(TARGET, device=args.device)
     pool = BlockPool(model.decoder.kv_layout(1024, 16))
     verifier, encoder = TargetVerifier(model, pool.kv), PromptEncoder(model)
     items = prefilled_items(verifier, encoder, pool, max(BATCHES))
@@ -91,7 +92,7 @@ def main() -> None:
     report = {
         "benchmark": "verify_batch",
         "tree_nodes": TREE.num_nodes,
-        "machine": machine_info(),
+        "machine": machine_info(model.decoder.device),
         "batches": rows,
         "by_tree_nodes": by_tree,
     }
@@ -123,8 +124,10 @@ def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    gpu = report["machine"].get("gpu")
+    where = f"the tiny target on {gpu}" if gpu else "the tiny target"
     lines = [
-        f"Verifying an {report['tree_nodes']}-node tree per request on the tiny target: "
+        f"Verifying an {report['tree_nodes']}-node tree per request on {where}: "
         "one packed forward vs one forward per request (median ms).",
         "",
         "| requests | packed ms | separate ms | packed throughput / separate |",
@@ -160,7 +163,7 @@ def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
     ax.set_ylabel("ms (median)")
     ax.set_xscale("log", base=2)
     ax.legend()
-    ax.set_title(f"{report['tree_nodes']}-node trees, tiny target")
+    ax.set_title(f"{report['tree_nodes']}-node trees, {where}")
     if by_tree:
         ax = axes[0][1]
         for n, row in by_tree.items():

@@ -43,10 +43,15 @@ def weights_digest(folder: Path) -> str:
 
 class AdapterRegistry:
     def __init__(
-        self, cfg: DecoderConfig, slots: int = 16, max_rank: int = 16, dtype: torch.dtype = torch.float32
+        self,
+        cfg: DecoderConfig,
+        slots: int = 16,
+        max_rank: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",  # the drafter's
     ) -> None:
         self.cfg, self.max_rank = cfg, max_rank
-        self.stack = MultiLora(cfg, slots, max_rank, dtype)
+        self.stack = MultiLora(cfg, slots, max_rank, dtype, device)
         self.registered: dict[str, _Registered] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
         self.pins: Counter[str] = Counter()

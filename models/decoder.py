@@ -176,10 +176,19 @@ class Decoder(nn.Module):
             x = x.index_copy(0, batch.embed_index, batch.embeds.to(x.dtype))
         return x
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache, lora: LoraBatch | None = None) -> torch.Tensor:
-        """Write the new tokens' KV into ``kv`` and return final hidden states ``[T, hidden]``;
-        ``lora`` adds each token's adapter (see ``models.multi_lora``)."""
+        """Write the new tokens' KV into ``kv`` and return final hidden states ``[T, hidden]``
+        (on this decoder's device; ``batch`` and ``lora`` may come from the host, they are moved
+        here); ``lora`` adds each token's adapter (see ``models.multi_lora``)."""
+        device = self.device
+        if batch.token_ids.device != device:
+            batch = batch.to(device)
+            lora = None if lora is None else lora.to(device)
         backend = self.backend if self.backend.supports(batch) else self.fallback_backend
         meta = backend.prepare(batch, scale=self.cfg.head_dim**-0.5)
         x = self.embed(batch)
@@ -190,5 +199,6 @@ class Decoder(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` [N, hidden] -> logits [N, vocab] in float32."""
-        return self.lm_head(hidden).float()
+        """``hidden`` [N, hidden] -> logits [N, vocab] in float32, on the host (acceptance and
+        sampling run there; on a CPU this copies nothing)."""
+        return self.lm_head(hidden).float().cpu()

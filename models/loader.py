@@ -18,6 +18,7 @@ import torch
 
 from models.config import DecoderConfig
 from models.decoder import Decoder, fuse_hf_weights, hf_names
+from models.device import resolve_device
 from models.host_allocator import keep_freed_memory
 from models.vision import VisionEncoder
 
@@ -174,12 +175,16 @@ ARCHITECTURES: dict[str, Callable[[Path, torch.dtype, str], LoadedModel]] = {
 }
 
 
-def load_model(path: str | Path, dtype: str = "fp32", attention_backend: str = "sdpa") -> LoadedModel:
-    """Load the checkpoint folder ``path``; ``dtype`` is one of fp32, bf16, fp16. A process that
-    loads a model runs its forwards: from then on it keeps freed memory for the next forward's
-    activations (``models.host_allocator``)."""
+def load_model(
+    path: str | Path, dtype: str = "fp32", attention_backend: str = "sdpa", device: str = "cpu"
+) -> LoadedModel:
+    """Load the checkpoint folder ``path``; ``dtype`` is one of fp32, bf16, fp16; ``device``
+    where its weights (and so its KV pool and forwards) live: cpu, cuda or cuda:N
+    (``models.device``). A process that loads a model runs its forwards: from then on it keeps
+    freed memory for the next forward's activations (``models.host_allocator``)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    where = resolve_device(device)  # before reading any weights: a bad device fails fast
     folder = Path(path)
     config = read_config(folder)
     architectures = config.get("architectures") or []
@@ -190,7 +195,12 @@ def load_model(path: str | Path, dtype: str = "fp32", attention_backend: str = "
             f"supported; supported: {sorted(ARCHITECTURES)}"
         )
     keep_freed_memory()
-    return ARCHITECTURES[supported[0]](folder, DTYPES[dtype], attention_backend)
+    model = ARCHITECTURES[supported[0]](folder, DTYPES[dtype], attention_backend)
+    if where.type != "cpu":
+        model.decoder.to(where)  # tied embeddings stay tied: one parameter, moved once
+        if model.vision is not None:
+            model.vision.to(where)
+    return model
 
 
 def fingerprint(model: LoadedModel, kv_dtype: torch.dtype) -> bytes:

@@ -25,7 +25,7 @@ dropped when it is loaded or cleared, and kept only while all slots' copies fit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -65,6 +65,11 @@ class PaddedGroups:
     index: torch.Tensor | None = None
     valid: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> PaddedGroups:
+        if self.index is None or self.valid is None:
+            return self
+        return PaddedGroups(self.length, self.index.to(device), self.valid.to(device))
+
 
 @dataclass(frozen=True)
 class LoraBatch:
@@ -78,6 +83,16 @@ class LoraBatch:
     padded: PaddedGroups | None  # set when padding the groups to one length is cheap
     slot_span: tuple[int, int] | None  # (first, last + 1) when ``slots`` is that range
     merged: bool = False  # every token uses an adapter: project with the slots' merged weights
+
+    def to(self, device: torch.device) -> LoraBatch:
+        """This batch with its index tensors on ``device`` (the stack's: the decoder's)."""
+        return replace(
+            self,
+            order=self.order.to(device),
+            slots=self.slots.to(device),
+            ends=self.ends.to(device),
+            padded=None if self.padded is None else self.padded.to(device),
+        )
 
     def project(self, linear: nn.Linear, x: torch.Tensor, layer: int, projection: str) -> torch.Tensor:
         """``linear(x)`` [T, out] with each token's adapter applied for ``projection`` of ``layer``."""
@@ -149,7 +164,12 @@ class MultiLora:
     """The stacked LoRA weights of ``slots`` adapter slots (all zero while a slot is empty)."""
 
     def __init__(
-        self, cfg: DecoderConfig, slots: int, max_rank: int, dtype: torch.dtype = torch.float32
+        self,
+        cfg: DecoderConfig,
+        slots: int,
+        max_rank: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",  # the decoder's
     ) -> None:
         if slots < 1 or max_rank < 1:
             raise ValueError(f"need at least one slot and rank 1, got {slots} slots, max rank {max_rank}")
@@ -161,8 +181,8 @@ class MultiLora:
             for projection, parts in PROJECTIONS.items():
                 n_in, ranks = shapes[parts[0]][0], len(parts) * max_rank
                 n_out = sum(shapes[p][1] for p in parts)
-                self.a[(layer, projection)] = torch.zeros(slots, n_in, ranks, dtype=dtype)
-                self.b[(layer, projection)] = torch.zeros(slots, ranks, n_out, dtype=dtype)
+                self.a[(layer, projection)] = torch.zeros(slots, n_in, ranks, dtype=dtype, device=device)
+                self.b[(layer, projection)] = torch.zeros(slots, ranks, n_out, dtype=dtype, device=device)
         self.adapters: list[LoraAdapter | None] = [None] * slots
         per_slot = sum(a.shape[1] * b.shape[2] for a, b in zip(self.a.values(), self.b.values(), strict=True))
         self.merges = slots * per_slot * torch.finfo(dtype).bits // 8 <= MERGED_BUDGET_BYTES
@@ -182,7 +202,9 @@ class MultiLora:
         stack = self._merged.get(key)
         if stack is None:
             out_dim, in_dim = base.shape
-            stack = self._merged[key] = torch.empty(self.slots, in_dim, out_dim, dtype=base.dtype)
+            stack = self._merged[key] = torch.empty(
+                self.slots, in_dim, out_dim, dtype=base.dtype, device=base.device
+            )
         for slot in range(*slot_span) if slot_span else slots.tolist():
             if (slot, layer, projection) not in self._fresh:
                 with torch.no_grad():

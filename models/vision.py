@@ -59,14 +59,16 @@ class VisionEncoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> list[VisualTokens]:
-        """``pixel_values`` [N, 3, H, W] -> one :class:`VisualTokens` (all tokens) per image."""
-        dtype = next(self.parameters()).dtype
-        out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        """``pixel_values`` [N, 3, H, W] -> one :class:`VisualTokens` (all tokens) per image, on
+        the host (prompts are assembled there; the decoder moves them to its device)."""
+        param = next(self.parameters())
+        pixels = pixel_values.to(device=param.device, dtype=param.dtype)
+        out = self.vision_tower(pixels, output_hidden_states=True, return_dict=True)
         layers = [self.feature_layer] if isinstance(self.feature_layer, int) else list(self.feature_layer)
         selected = [out.hidden_states[i] for i in layers]
         if self.select_strategy == "default":  # drop the CLS token
             selected = [h[:, 1:] for h in selected]
-        features = self.multi_modal_projector(torch.cat(selected, dim=-1))
+        features = self.multi_modal_projector(torch.cat(selected, dim=-1)).cpu()
         return [VisualTokens.full(f) for f in features]
 
 

@@ -26,7 +26,7 @@ from core.prompt import Prompt
 from core.sampling import SamplingParams
 from scheduler.engine import Completion
 from serve.metrics import AdapterMetrics, EngineMetrics, GatewayMetrics
-from serve.settings import ServeSettings
+from serve.settings import DeploymentSettings, ServeSettings
 
 
 def use_cpus(num_cpus: float) -> None:
@@ -37,12 +37,15 @@ def use_cpus(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
-def engine_options(settings: ServeSettings) -> Any:
+def engine_options(settings: ServeSettings, placement: DeploymentSettings) -> Any:
+    """The engine (or drafter pool) options of a replica placed as ``placement`` says: its
+    models run on the GPU Ray gave it when it asks for any (``num_gpus`` > 0), else on its CPUs."""
     from serve.engine_builder import EngineOptions
 
     cache = settings.prefix_cache
     return EngineOptions(
         policy=settings.policy, dtype=settings.dtype, max_batch_tokens=settings.max_batch_tokens,
+        device="cuda" if placement.num_gpus > 0 else "cpu",
         adapters=settings.adapter_folders(), prefix_cache=cache.enabled,
         redis_url=cache.redis_url or os.environ.get("REDIS_URL"),
     )  # fmt: skip
@@ -58,14 +61,13 @@ class EngineServer:
         from serve.remote_drafter import RemoteDrafter
 
         use_cpus(settings.engine.num_cpus)
+        options = engine_options(settings, settings.engine)
         if drafter is None:
-            self.built = build_engine(settings.target, settings.drafter, engine_options(settings))
+            self.built = build_engine(settings.target, settings.drafter, options)
         else:  # building calls the pool (cost calibration); a blocking handle call may not run on
             # the replica's event loop, where Serve runs this constructor
             with ThreadPoolExecutor(1) as thread:
-                build = thread.submit(
-                    build_engine, settings.target, None, engine_options(settings), RemoteDrafter(drafter)
-                )
+                build = thread.submit(build_engine, settings.target, None, options, RemoteDrafter(drafter))
                 self.built = build.result()
         self.engine = AsyncEngine(self.built.engine)
         self.metrics = EngineMetrics()
@@ -147,7 +149,8 @@ class DrafterPoolReplica:
             raise ValueError("a DrafterPool deployment needs settings.drafter and settings.drafter_pool")
         use_cpus(settings.drafter_pool.num_cpus)
         tokenizer = AutoTokenizer.from_pretrained(settings.target, local_files_only=True)
-        self.server = DrafterPoolServer(build_drafter(settings.drafter, tokenizer, engine_options(settings)))
+        options = engine_options(settings, settings.drafter_pool)
+        self.server = DrafterPoolServer(build_drafter(settings.drafter, tokenizer, options))
         self.metrics = AdapterMetrics()
         threading.Thread(target=self._sample_metrics, name="covspec-metrics", daemon=True).start()
 

@@ -43,6 +43,8 @@ class EngineOptions:
     drafter_blocks: int = 4096  # drafter KV blocks (a request without room drafts nothing that step)
     block_size: int = 16
     dtype: str = "fp32"
+    device: str = "cpu"  # where the target runs: cpu, cuda or cuda:N (``models.device``)
+    drafter_device: str | None = None  # where a drafter in this process runs; None = the target's
     seed: int = 0
     adapters: tuple[tuple[str, Path], ...] = ()  # (name, PEFT folder) of drafter LoRAs to register
     adapter_slots: int = 16  # adapters resident at once (LRU beyond that)
@@ -116,7 +118,7 @@ def build_engine(
     The drafter is the one in ``drafter_dir`` (run here) or ``remote_drafter`` (run elsewhere);
     without either the engine decodes plainly whatever the policy says."""
     opts = options or EngineOptions()
-    target = load_model(model_dir, opts.dtype)
+    target = load_model(model_dir, opts.dtype, device=opts.device)
     processor = target.processor()
     tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
     pool = BlockPool(target.decoder.kv_layout(opts.num_blocks, opts.block_size))
@@ -157,10 +159,11 @@ def build_engine(
 def build_drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> LocalDrafter:
     """The drafter in ``folder`` with ``opts.adapters`` registered; its tokenizer must be the
     target's (``tokenizer``)."""
-    model = load_model(folder, opts.dtype)
+    model = load_model(folder, opts.dtype, device=opts.drafter_device or opts.device)
     check_same_tokenizer(tokenizer, model.processor().tokenizer, folder)
+    weight = model.decoder.embed_tokens.weight
     adapters = AdapterRegistry(
-        model.decoder.cfg, opts.adapter_slots, opts.max_adapter_rank, model.decoder.embed_tokens.weight.dtype
+        model.decoder.cfg, opts.adapter_slots, opts.max_adapter_rank, weight.dtype, weight.device
     )
     for name, adapter_dir in opts.adapters:
         adapters.add(name, adapter_dir)

@@ -34,6 +34,7 @@ def _args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="drafter visual tokens kept, in (0, 1] (default: the policy's choice)",
     )
+    p.add_argument("--device", default="cpu", help="where the target and drafter run: cpu, cuda or cuda:N")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -89,8 +90,9 @@ def _run(args: argparse.Namespace) -> int:
     if adapter is not None and drafter is None:
         raise ValueError("--adapter needs a drafter: drop --no-spec, or pass --drafter with --model")
     options = EngineOptions(
-        policy=args.policy, compression=args.compression, adapters=() if adapter is None else (adapter,)
-    )
+        policy=args.policy, compression=args.compression, device=args.device,
+        adapters=() if adapter is None else (adapter,),
+    )  # fmt: skip
     built = build_engine(model, drafter, options)
     prompt = chat_prompt(built.processor, args.prompt, [image], args.system)
     request_id = built.engine.add_request(prompt, sampling, adapter=None if adapter is None else adapter[0])

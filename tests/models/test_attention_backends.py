@@ -117,6 +117,7 @@ def _naive(
 
 @pytest.mark.gpu
 def test_flash_attn_matches_sdpa_on_causal_batches() -> None:
+    pytest.importorskip("flash_attn", reason="flash-attn is optional (pip install -e .[gpu])")
     layout = KVLayout(
         num_layers=1,
         num_blocks=16,

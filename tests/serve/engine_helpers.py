@@ -48,20 +48,23 @@ def messages(text: str, with_image: bool, system: str | None) -> list[dict[str, 
 class Oracle:
     """transformers ``generate`` (greedy) on the same checkpoint: what the engine must equal."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, device: str = "cpu") -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        self.device = device
         self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            folder, local_files_only=True, dtype=torch.float32
-        ).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+            .eval()
+            .to(device)
+        )
 
     def inputs(self, text: str, image: Image.Image | None, system: str | None) -> dict[str, torch.Tensor]:
         chat = self.processor.apply_chat_template(
             messages(text, image is not None, system), add_generation_prompt=True
         )
         images = [image.convert("RGB")] if image is not None else None
-        return dict(self.processor(images=images, text=chat, return_tensors="pt"))
+        return dict(self.processor(images=images, text=chat, return_tensors="pt").to(self.device))
 
     @torch.inference_mode()
     def greedy(self, text: str, image: Image.Image | None, system: str | None, max_new: int) -> list[int]:

@@ -38,6 +38,17 @@ def test_cluster_engine_autoscales_on_gpus() -> None:
     assert pool is not None and pool.ray_actor_options()["resources"] == {"edge": 1.0}
 
 
+def test_replicas_that_ask_for_a_gpu_run_their_models_on_it() -> None:
+    from serve.deployments import engine_options
+
+    cluster = ServeSettings.model_validate(app_args(DEPLOY / "cluster.yaml"))
+    assert engine_options(cluster, cluster.engine).device == "cuda"  # num_gpus: 1.0
+    assert cluster.drafter_pool is not None
+    assert engine_options(cluster, cluster.drafter_pool).device == "cpu"  # the edge nodes' CPUs
+    local = ServeSettings.model_validate(app_args(DEPLOY / "local.yaml"))
+    assert engine_options(local, local.engine).device == "cpu"
+
+
 @pytest.mark.parametrize(
     "args,where",
     [
