@@ -29,7 +29,7 @@ step machine python3 -c "import torch, transformers; print(torch.__version__, to
 transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 # only the GPU test files: the others import the serving stack (ray, fastapi), absent there
 step tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/models/test_device.py \
-    tests/serve/test_engine_gpu.py tests/models/test_attention_backends.py
+    tests/serve/test_engine_shipped.py tests/models/test_attention_backends.py
 step verify_batch python3 -m benchmarks.verify_batch --device "$device" --repeats 40 --out "$work"
 step spec_decode_long python3 -m benchmarks.spec_decode --device "$device" --mode long --max-tokens 128 \
     --repeats 2 --only ours_spec_adapter ours_no_spec hf_generate hf_assisted_adapter --out "$work"
