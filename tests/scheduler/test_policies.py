@@ -279,6 +279,38 @@ def test_load_aware_tries_a_neighbour_every_explore_every_decode_steps() -> None
     assert {policy.budget(with_prompt) for _ in range(8)} == {best}  # prompt steps do not explore
 
 
+@pytest.mark.parametrize(
+    ("candidates", "neighbour", "steps"),
+    [
+        # a tree: 12 steps past the 16 its own tau needs twice over (one request a step)
+        (((0, 0), (2, 2), (4, 4)), (2, 2), 28),
+        # plain decoding (its tau is 1): 16 steps past the 4 its correction needs
+        (((0, 0), (4, 4)), (0, 0), 20),
+    ],
+)
+def test_load_aware_tries_a_well_measured_neighbour_ever_less_often(
+    candidates: tuple[tuple[int, int], ...], neighbour: tuple[int, int], steps: int
+) -> None:
+    # (a neighbour new to a load is tried on every turn: the test above, with the default backoff)
+    tries = {}
+    for backoff in (1, 8):
+        policy = LoadAwareDraft(
+            cost=_steep_cost(), candidates=candidates, explore_every=2, explore_margin=1.0,
+            explore_backoff=backoff,
+        )  # fmt: skip
+        for _ in range(steps):  # measured at one user, as predicted, 2 tokens a step
+            policy.measured.add(load_bucket(1), neighbour, 5.0, 5.0)
+            if neighbour[0]:
+                policy.delivered.add(load_bucket(1), neighbour, 2, 1)
+        assert policy.budget(StepLoad(1, 0)) == DraftBudget(4, 4)  # decode step 1
+        picks = [policy.budget(StepLoad(1, 0)) for _ in range(64)]  # 32 turns of the neighbour
+        tried = DraftBudget(*neighbour) if neighbour[0] else NO_DRAFT
+        tries[backoff] = picks.count(tried)
+        assert set(picks) == {DraftBudget(4, 4), tried}
+    assert tries[1] == 32  # every turn: every 2nd decode step
+    assert tries[8] == 4  # three doublings and more: a try every 8th turn
+
+
 def test_a_lone_first_step_with_the_drafters_prefill_leaves_the_level_cost_alone() -> None:
     # a single user's first step: 2 levels (1 ms each) and a 120-token prompt (6 ms) in one time
     policy = LoadAwareDraft(cost=_steep_cost(), explore_every=0)
