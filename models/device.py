@@ -35,9 +35,3 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if device.index is not None and device.index >= count:
         raise DeviceError(f"device {str(name)!r} does not exist: this machine has {count} CUDA GPU(s)")
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a timer around GPU work must); nothing on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -192,7 +192,7 @@ class LoadAwareDraft:
     requests it holds no KV for, which that one step pays in full. A neighbour long measured at
     a load is tried on ever fewer of its turns there (down to one in ``explore_backoff``): at 4
     users, where (2, 2) is best and its neighbours each lose a few percent, trying one on every
-    turn ran 0.950-0.963x ``fixed`` (2, 2) against 0.985-0.992x with no tries (30 interleaved
+    turn ran 0.949-0.963x ``fixed`` (2, 2) against 0.985-0.992x with no tries (30 interleaved
     passes each, paired), and at 16 users, where plain decoding is best, each try of a tree
     makes the drafter encode every running request's prompt.
 
