@@ -52,6 +52,8 @@ class DraftProposal:
     # [num_nodes + 1, vocab] float32: row 0 the distribution the root's children were drawn from,
     # row i + 1 that of node i's children; None for greedy requests (children are argmax picks)
     draft_probs: torch.Tensor | None = None
+    prefill_tokens: int = 0  # tokens the drafter encoded first because it held no KV for the request
+    dropped: bool = False  # the drafter had no room: it holds no KV for the request now (empty tree)
 
     def __post_init__(self) -> None:
         rows = self.tree.num_nodes + 1

@@ -1,4 +1,11 @@
-"""What the scheduler decided for one step, and what each request got out of it."""
+"""One engine step as plain data: what the scheduler planned, and what came of it.
+
+``StepPlan`` leaves ``Scheduler.schedule`` with the load it was planned at and the budget the
+policy chose; ``StepReport`` leaves ``Scheduler.update`` with everything the step produced
+(outputs, acceptance per request, tokens verified, the drafter's prefill); ``StepTiming`` is
+what the step cost. A policy learns from a report and its timing, nothing else: no feedback
+lives in side fields between calls.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +13,46 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.draft import DraftProposal, DraftRequest
+from core.draft import NO_DRAFT, DraftBudget, DraftProposal, DraftRequest
 from core.verify import VerifyItem
 
 
 @dataclass(frozen=True)
+class StepLoad:
+    """The load a step runs at: what a draft policy decides from."""
+
+    num_sampling: int  # requests that emit a token this step
+    prefill_tokens: int  # prompt (or recompute) tokens of the step
+    drafter_kv_used: float = 0.0  # fraction of the drafter's KV pool in use (0 without a drafter)
+    num_joining: int = 0  # requests still in prefill (running or admissible): they sample soon
+
+    def __post_init__(self) -> None:
+        if self.num_sampling < 0 or self.prefill_tokens < 0 or self.num_joining < 0:
+            raise ValueError(f"a step load counts tokens and requests, got {self}")
+
+    @property
+    def decoding(self) -> bool:
+        """A pure decode step: requests sample and no prompt token rides along."""
+        return self.num_sampling > 0 and self.prefill_tokens == 0
+
+
+@dataclass(frozen=True)
 class StepPlan:
-    items: tuple[VerifyItem, ...]  # one per scheduled request, no trees yet
+    items: tuple[VerifyItem, ...]  # one per scheduled request; trees attached by ``with_trees``
     drafts: tuple[DraftRequest, ...]  # requests that get a tree this step (a subset of items)
+    load: StepLoad  # the load the step was planned at
+    budget: DraftBudget = NO_DRAFT  # the policy's choice; each draft's own is cut to fit
+    proposals: tuple[DraftProposal, ...] = ()  # the drafter's answers, once attached
 
     @property
     def empty(self) -> bool:
         return not self.items
 
-    def with_trees(self, proposals: Sequence[DraftProposal]) -> list[VerifyItem]:
-        """The items with each proposal's tree attached to its request's item."""
+    def with_trees(self, proposals: Sequence[DraftProposal]) -> StepPlan:
+        """This plan with each proposal's tree attached to its request's item."""
         trees = {p.request_id: p for p in proposals}
-        return [dataclasses.replace(i, draft=trees.get(i.request_id)) for i in self.items]
+        items = tuple(dataclasses.replace(i, draft=trees.get(i.request_id)) for i in self.items)
+        return dataclasses.replace(self, items=items, proposals=tuple(proposals))
 
 
 @dataclass(frozen=True)
@@ -33,11 +63,25 @@ class RequestStats:
     draft_tokens: int  # tree nodes verified
     accepted_tokens: int  # tree nodes accepted
     cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (local or Redis)
+    preemptions: int = 0  # times its KV was freed for older requests (and recomputed)
 
     @property
     def tau(self) -> float:
         """Tokens per verify step, the target's own token included (1.0 = no gain)."""
         return self.output_tokens / self.verify_steps if self.verify_steps else 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request's whole result (carried by its last :class:`RequestOutput`)."""
+
+    request_id: int
+    token_ids: tuple[int, ...]  # generated tokens (an end-of-turn token included when produced)
+    text: str  # detokenized, cut before a stop string: the streamed deltas joined
+    finish_reason: str
+    stats: RequestStats
+    ttft_s: float  # time to the first token
+    time_s: float  # time to the last token
 
 
 @dataclass(frozen=True)
@@ -47,4 +91,45 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" (end of turn or stop string), "length", "abort"
     stats: RequestStats
-    text: str = ""  # detokenized delta, filled by the engine
+    text: str = ""  # detokenized delta; text that may start a stop string is held back
+    completion: Completion | None = None  # the whole result, on the finished output only
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What one emitting request's tree got this step."""
+
+    budget: DraftBudget  # the tree budget it was given (``NO_DRAFT``: plain decoding)
+    num_draft: int  # tree nodes verified
+    accepted: int  # of which accepted (the target's own token comes on top)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """Everything a step produced, for the caller and for the policy's learning."""
+
+    outputs: tuple[RequestOutput, ...]  # one per request that emitted or finished this step
+    load: StepLoad  # the load the step ran at
+    budget: DraftBudget  # the policy's choice for the step
+    accepted: tuple[Accepted, ...]  # one per emitting request
+    verify_tokens: int  # tokens the target forwarded: prompt chunks, last tokens, tree nodes
+    tree_nodes: int  # of which draft-tree nodes
+    drafter_prefill: int = 0  # tokens the drafter encoded for requests it held no KV for
+    drafter_dropped: int = 0  # requests whose drafter KV was dropped (its pool was full)
+
+    @property
+    def emitted_tokens(self) -> int:
+        """Tokens the step's emitting requests got: accepted nodes plus the target's own."""
+        return sum(a.accepted + 1 for a in self.accepted)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """What a step cost, in milliseconds of wall time."""
+
+    draft_ms: float  # the drafter's proposals (0 without trees)
+    verify_ms: float  # everything else: scheduling, the target's forward, acceptance, bookkeeping
+
+    @property
+    def total_ms(self) -> float:
+        return self.draft_ms + self.verify_ms

@@ -14,8 +14,10 @@ class Drafter(Protocol):
         """One draft tree per request, in order, each within its budget, grown from the last
         verified token (``output_ids[-1]``). The drafter keeps its own KV per request and brings
         it up to date from ``prompt`` and ``output_ids`` (a request it has not seen, or has
-        released, is prefilled from scratch). For sampling requests, children are drawn without
-        replacement from the ``draft_probs`` it reports. Leaves no tree KV behind."""
+        released, is prefilled from scratch: ``prefill_tokens`` says how many tokens that took).
+        A request it has no room for gets an empty tree marked ``dropped``, and its KV is gone.
+        For sampling requests, children are drawn without replacement from the ``draft_probs``
+        it reports. Leaves no tree KV behind."""
         ...
 
     def has_adapter(self, name: str) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -110,11 +110,13 @@ class DrafterPool:
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
         """A request the pool has no room for gets an empty tree (plain decoding this step)
-        and loses its drafter KV; it is prefilled again when it next gets a tree."""
+        marked ``dropped``: the pool let its KV go, and prefills it again when it next gets a
+        tree. A request's first tree reports the tokens encoded for it (``prefill_tokens``)."""
         with intra_op_threads(self.threads):
             return self._propose(requests)
 
     def _propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+        fresh = {r.request_id for r in requests if r.request_id not in self.states}
         pending = {r.request_id: self._pending(r) for r in requests}
         ready = [r for r in requests if pending[r.request_id] is not None]
         ready.sort(key=lambda r: self.states[r.request_id].slot)  # adapter tokens packed by slot
@@ -127,8 +129,19 @@ class DrafterPool:
             levels = self._next_levels([(lv.grower, lv.state) for lv in levels])
         for req in ready:
             self.states[req.request_id].blocks.commit(0, ())  # drop the tree's KV
-        trees = {r.request_id: g.proposal(r.request_id) for g, r in zip(growers, ready, strict=True)}
-        return [trees.get(r.request_id) or empty_proposal(r.request_id) for r in requests]
+        trees = {
+            r.request_id: replace(g.proposal(r.request_id), prefill_tokens=self._prefilled(r, pending, fresh))
+            for g, r in zip(growers, ready, strict=True)
+        }
+        return [
+            trees.get(r.request_id) or replace(empty_proposal(r.request_id), dropped=True) for r in requests
+        ]
+
+    @staticmethod
+    def _prefilled(req: DraftRequest, pending: dict[int, SequenceInput | None], fresh: set[int]) -> int:
+        """Tokens encoded for ``req`` before its tree because the pool held no KV for it."""
+        seq = pending[req.request_id]
+        return seq.num_new if seq is not None and req.request_id in fresh else 0
 
     def has_adapter(self, name: str) -> bool:
         return self.adapters is not None and self.adapters.has(name)

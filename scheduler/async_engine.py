@@ -14,10 +14,10 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from core.plan import RequestOutput
+from core.plan import Completion, RequestOutput
 from core.prompt import Prompt
 from core.sampling import SamplingParams
-from scheduler.engine import Completion, Engine
+from scheduler.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,6 @@ class AsyncEngine:
         if sub is None:
             return
         sub.loop.call_soon_threadsafe(sub.outputs.put_nowait, out)
-        if out.finished:
+        if out.completion is not None:
             del self._streams[out.request_id]
-            sub.loop.call_soon_threadsafe(sub.outputs.put_nowait, self.engine.completion(out))
+            sub.loop.call_soon_threadsafe(sub.outputs.put_nowait, out.completion)

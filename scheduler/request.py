@@ -1,4 +1,4 @@
-"""A request as the scheduler tracks it between steps."""
+"""A request as the scheduler tracks it between steps: the one record of it in the engine."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ from core.prompt import EncodedPrompt, Prompt
 from core.sampling import SamplingParams
 from kvcache.prefix_cache import Fetch
 from kvcache.sequence_blocks import SequenceBlocks
+
+
+@dataclass
+class TextStream:
+    """A request's text so far, as ``scheduler.output`` detokenizes it incrementally."""
+
+    prefix_offset: int = 0  # output tokens before the decode window
+    read_offset: int = 0  # output tokens whose text is decoded
+    text: str = ""  # streamed so far
+    held: str = ""  # decoded, but possibly the start of a stop string
 
 
 class Status(enum.Enum):
@@ -31,8 +41,11 @@ class RequestState:
     generator: torch.Generator
     eos_token_ids: frozenset[int]
     adapter: str | None = None  # the drafter LoRA of the request's user
+    arrived_s: float = 0.0  # perf_counter when it arrived (before its prompt was encoded)
+    first_token_s: float | None = None  # perf_counter when its first token was emitted
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
+    text: TextStream = field(default_factory=TextStream)
     blocks: SequenceBlocks | None = None
     finish_reason: str | None = None
     verify_steps: int = 0
@@ -42,9 +55,10 @@ class RequestState:
     block_hashes: tuple[bytes, ...] = ()  # content hash per full prompt block (prefix caching)
     cached_tokens: int = 0  # prompt tokens found in a prefix cache at the first admission
     published: int = 0  # leading prompt blocks already in the prefix cache (found or offered)
-    fetch: Fetch | None = None  # a Redis lookup in flight: the request waits for it
-    fetched: bool = False  # Redis was asked (once per admission)
-    drafted: bool = False  # the drafter holds this request's KV (built by its first tree)
+    # the Redis lookup of ``scheduler.admission``: not asked yet, in flight (the request waits
+    # for it), or asked (once per admission)
+    fetch: Fetch | None = None
+    fetched: bool = False
     # computes ``encoded`` with its visual embeddings (the vision tower) the first time a chunk
     # needs them; None once done or when ``encoded`` came complete. A prompt whose image rows
     # all come from a prefix cache never runs the vision tower.
@@ -79,6 +93,7 @@ class RequestState:
             draft_tokens=self.draft_tokens,
             accepted_tokens=self.accepted_tokens,
             cached_tokens=self.cached_tokens,
+            preemptions=self.preemptions,
         )
 
     def chunk(self, n: int) -> EncodedPrompt:

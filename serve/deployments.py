@@ -92,20 +92,20 @@ class EngineServer:
     def _sample_metrics(self, period_s: float = 1.0) -> None:
         """Queue, KV, batch and adapter gauges, read from the engine every ``period_s``."""
         while self.engine.alive:
-            self.metrics.sample(self.built.engine, self.built.adapters)
+            self.metrics.sample(self.built.engine.snapshot, self.built.adapters)
             time.sleep(period_s)
 
     async def alive(self) -> bool:
         return self.engine.alive
 
     def record_routing_stats(self) -> dict[str, float]:
-        """What the Engine deployment's router balances on (``serve/routing.py``); read without
-        a lock from the loop thread's state: a snapshot, good enough to route by."""
-        sched = self.built.engine.scheduler
+        """What the Engine deployment's router balances on (``serve/routing.py``), from the
+        snapshot the step loop published last."""
+        snapshot = self.built.engine.snapshot
         return {
-            "waiting": float(len(sched.waiting)),
-            "running": float(len(sched.running)),
-            "kv_used": 1 - sched.pool.num_free_blocks / sched.pool.num_blocks,
+            "waiting": float(snapshot.waiting),
+            "running": float(snapshot.running),
+            "kv_used": snapshot.kv_used,
         }
 
     def check_health(self) -> None:

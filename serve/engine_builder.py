@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +22,8 @@ from models.prompt_encoder import PromptEncoder
 from models.threads import intra_op_threads, threads_for
 from scheduler.cost import CostCurve, CostModel
 from scheduler.engine import Engine
-from scheduler.policies import DraftPolicy, make_policy
+from scheduler.output import OutputProcessor
+from scheduler.policy import POLICIES, Policy, PolicyOptions, make_policy
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from verifier.target import TargetVerifier
 
@@ -51,6 +51,10 @@ class EngineOptions:
     max_adapter_rank: int = 16
     prefix_cache: bool = True  # reuse the KV of prompt blocks computed before (same tenant or public)
     redis_url: str | None = None  # share prefix KV through this Redis (needs prefix_cache)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown draft policy {self.policy!r}; choose one of {sorted(POLICIES)}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ def build_engine(
         on_release=drafter.release if drafter is not None else (lambda request_id: None),
         drafter_kv_used=drafter.kv_used if drafter is not None else (lambda: 0.0),
         prefix=prefix,
+        output=OutputProcessor(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)),
     )
     encoder = PromptEncoder(target, processor.image_processor if target.vision is not None else None)
     engine = Engine(
@@ -143,7 +148,6 @@ def build_engine(
         TargetVerifier(target, pool.kv),
         drafter,
         encoder.encode,
-        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         eos_token_ids(target, tokenizer),
         seed=opts.seed,
         compression=opts.compression,
@@ -174,31 +178,21 @@ def build_drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> LocalDra
     )  # fmt: skip
 
 
-def _calibrated(
-    opts: EngineOptions, target: LoadedModel, pool: BlockPool, drafter: DrafterService
-) -> DraftPolicy:
-    """``load_aware`` with forward-cost curves measured where each model runs, now."""
-    verifier_ms = measure_cost(target, pool, CALIBRATION_TOKENS)
-    drafter_ms = drafter.forward_cost(CALIBRATION_TOKENS[:4])
-    return make_policy("load_aware", cost=CostModel(verifier_ms, drafter_ms))
-
-
-PolicyFactory = Callable[[EngineOptions, LoadedModel, BlockPool, DrafterService], DraftPolicy]
-POLICY_FACTORIES: dict[str, PolicyFactory] = {
-    "none": lambda opts, target, pool, drafter: make_policy("none"),
-    "fixed": lambda opts, *_: make_policy("fixed", nodes=opts.fixed_nodes, depth=opts.fixed_depth),
-    "load_aware": _calibrated,
-}
-
-
 def _policy(
     opts: EngineOptions, target: LoadedModel, pool: BlockPool, drafter: DrafterService | None
-) -> DraftPolicy:
-    if opts.policy not in POLICY_FACTORIES:
-        raise ValueError(f"unknown draft policy {opts.policy!r}; choose one of {sorted(POLICY_FACTORIES)}")
+) -> Policy:
+    """The step policy ``opts.policy`` names (plain decoding without a drafter); ``load_aware``
+    starts from forward-cost curves measured where each model runs, now."""
+
+    def calibrate() -> CostModel:
+        assert drafter is not None
+        return CostModel(
+            measure_cost(target, pool, CALIBRATION_TOKENS), drafter.forward_cost(CALIBRATION_TOKENS[:4])
+        )
+
     if drafter is None:
         return make_policy("none")
-    return POLICY_FACTORIES[opts.policy](opts, target, pool, drafter)
+    return make_policy(opts.policy, PolicyOptions(opts.fixed_nodes, opts.fixed_depth, cost=calibrate))
 
 
 def eos_token_ids(model: LoadedModel, tokenizer: Any) -> frozenset[int]:

@@ -7,8 +7,9 @@ class, tenant (from the keys file, a bounded set), never users' request contents
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+from scheduler.snapshot import EngineSnapshot, PrefixCounters, StepTotals
 
 LATENCY_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 TAU = [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0]
@@ -33,15 +34,6 @@ class GatewayMetrics:
 
     def request(self, status: int, tenant: str | None) -> None:
         self.requests.inc(1, tags={"status": str(status), "tenant": tenant or "unknown"})
-
-
-@dataclass
-class _Seen:
-    """The last engine totals read, to turn running sums into per-step means."""
-
-    steps: int = 0
-    requests: int = 0
-    verify_tokens: int = 0
 
 
 class EngineMetrics:
@@ -78,9 +70,15 @@ class EngineMetrics:
         self.drafter_kv_used = m.Gauge(
             "covspec_drafter_kv_blocks_used_fraction", description="drafter KV blocks in use"
         )
+        self.drafter_dropped = _Increments(
+            m.Counter(
+                "covspec_drafter_kv_dropped",
+                description="requests whose drafter KV was dropped for want of room (they decode plainly)",
+            )
+        )
         self.adapters = AdapterMetrics()
         self.prefix = PrefixMetrics()
-        self._seen = _Seen()
+        self._seen = StepTotals()
 
     def finished(self, completion: Any) -> None:
         s = completion.stats
@@ -98,22 +96,23 @@ class EngineMetrics:
         if s.output_tokens:
             self.output_tokens.inc(s.output_tokens)
 
-    def sample(self, engine: Any, adapters: Any) -> None:
-        """Gauges from the engine's state now, and increments since the last sample."""
-        sched, totals, seen = engine.scheduler, engine.totals, self._seen
-        self.waiting.set(len(sched.waiting))
-        self.running.set(len(sched.running))
-        self.kv_used.set(1 - sched.pool.num_free_blocks / sched.pool.num_blocks)
-        self.drafter_kv_used.set(sched.drafter_kv_used())
+    def sample(self, snapshot: EngineSnapshot, adapters: Any) -> None:
+        """Gauges from the engine's latest snapshot, and increments since the last sample."""
+        totals, seen = snapshot.totals, self._seen
+        self.waiting.set(snapshot.waiting)
+        self.running.set(snapshot.running)
+        self.kv_used.set(snapshot.kv_used)
+        self.drafter_kv_used.set(snapshot.drafter_kv_used)
         steps = totals.steps - seen.steps
         if steps:
-            self.batch_requests.set((totals.requests - seen.requests) / steps)
+            self.batch_requests.set((totals.batch_requests - seen.batch_requests) / steps)
             self.step_tokens.set((totals.verify_tokens - seen.verify_tokens) / steps)
-        seen.steps, seen.requests, seen.verify_tokens = totals.steps, totals.requests, totals.verify_tokens
+        self.drafter_dropped.to(totals.drafter_dropped)
+        self._seen = totals
         if adapters is not None:
             self.adapters.sample(adapters)
-        if sched.prefix is not None:
-            self.prefix.sample(sched.prefix, sched.pool.num_cached_blocks)
+        if snapshot.prefix is not None:
+            self.prefix.sample(snapshot.prefix)
 
 
 class _Increments:
@@ -186,8 +185,8 @@ class PrefixMetrics:
         self.cached = m.Gauge("covspec_prefix_cached_blocks", description="KV blocks indexed by content")
         self._loads = 0
 
-    def sample(self, prefix: Any, cached_blocks: int) -> None:
-        s = prefix.stats
+    def sample(self, counters: PrefixCounters) -> None:
+        s = counters.stats
         for source, total in (("local", s.local_hits), ("redis", s.remote_hits), ("computed", s.misses)):
             self.blocks.to(total, {"source": source})
         for reason, total in s.rejected.items():
@@ -196,11 +195,11 @@ class PrefixMetrics:
         for ms in s.load_ms[-new:] if new > 0 else []:
             self.load.observe(ms / 1000)
         self._loads = s.loads
-        self.cached.set(cached_blocks)
-        if prefix.remote is not None:
-            t = prefix.remote.stats
+        self.cached.set(counters.cached_blocks)
+        t = counters.redis
+        if t is not None:
             self.redis_bytes.to(t.bytes_read, {"direction": "read"})
             self.redis_bytes.to(t.bytes_written, {"direction": "written"})
             self.redis_errors.to(t.errors)
             self.dropped.to(t.dropped_writes)
-            self.breaker.set(1.0 if prefix.remote.breaker_open else 0.0)
+            self.breaker.set(1.0 if counters.redis_breaker_open else 0.0)

@@ -96,7 +96,9 @@ def _run(args: argparse.Namespace) -> int:
     built = build_engine(model, drafter, options)
     prompt = chat_prompt(built.processor, args.prompt, [image], args.system)
     request_id = built.engine.add_request(prompt, sampling, adapter=None if adapter is None else adapter[0])
-    expanded = built.engine.scheduler.requests[request_id].encoded.token_ids.tolist()
+    queued = built.engine.scheduler.get(request_id)
+    assert queued is not None  # it was just added
+    expanded = queued.encoded.token_ids.tolist()
     done = None
     while done is None:
         done = next((o for o in built.engine.step() if o.finished and o.request_id == request_id), None)

@@ -16,7 +16,7 @@ import torch
 
 from core.draft import DraftProposal, DraftRequest
 from core.kv import KVLayout
-from core.plan import StepPlan
+from core.plan import Completion, StepPlan, StepReport, StepTiming
 from core.prompt import EncodedPrompt, Prompt
 from core.sampling import SamplingParams
 from core.tree import ROOT, DraftTree
@@ -57,6 +57,10 @@ def make_request(
     )
 
 
+def empty_tree() -> DraftTree:
+    return DraftTree(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+
+
 def expected_outputs(num_prompt: int, count: int, token: Callable[[int], int] = next_token) -> list[int]:
     return [token(num_prompt + j) for j in range(count)]
 
@@ -69,8 +73,10 @@ class ChainDrafter:
     right: int = 2
     token: Callable[[int], int] = next_token
     requests: list[DraftRequest] = field(default_factory=list)
+    held: set[int] = field(default_factory=set)  # requests whose (pretend) KV it holds
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+        """A request it holds no KV for reports its whole sequence as prefill."""
         proposals = []
         for req in requests:
             self.requests.append(req)
@@ -78,8 +84,13 @@ class ChainDrafter:
             depth = req.budget.max_depth
             tokens = [self.token(length + d) if d < self.right else 3 for d in range(depth)]
             tree = DraftTree(torch.tensor(tokens, dtype=torch.long), torch.arange(depth) - 1)
-            proposals.append(DraftProposal(req.request_id, tree))
+            prefill = 0 if req.request_id in self.held else length
+            self.held.add(req.request_id)
+            proposals.append(DraftProposal(req.request_id, tree, prefill_tokens=prefill))
         return proposals
+
+    def release(self, request_id: int) -> None:
+        self.held.discard(request_id)
 
 
 @dataclass
@@ -89,7 +100,8 @@ class ScriptedVerifier:
     items: list[VerifyItem] = field(default_factory=list)
 
     def _sequence(self, item: VerifyItem) -> list[int]:
-        req = self.scheduler.requests[item.request_id]
+        req = self.scheduler.get(item.request_id)
+        assert req is not None, f"request {item.request_id} is not live"
         return [*range(req.num_prompt), *expected_outputs(req.num_prompt, len(req.output_ids), self.token)]
 
     def verify(self, items: Sequence[VerifyItem]) -> list[VerifyOutcome]:
@@ -120,17 +132,45 @@ class ScriptedVerifier:
         return outcomes
 
 
-def step(sched: Scheduler, verifier: ScriptedVerifier, drafter: ChainDrafter | None = None) -> StepPlan:
+@dataclass
+class Record:
+    """What the steps of a test produced: their reports, and each finished request's result."""
+
+    reports: list[StepReport] = field(default_factory=list)
+    done: dict[int, Completion] = field(default_factory=dict)
+
+
+TIMING = StepTiming(draft_ms=1.0, verify_ms=1.0)  # what every scripted step is said to cost
+
+
+def step(
+    sched: Scheduler,
+    verifier: ScriptedVerifier,
+    drafter: ChainDrafter | None = None,
+    record: Record | None = None,
+) -> StepPlan:
+    """One engine step as ``Engine.step`` takes it, checking integrity after it."""
     plan = sched.schedule()
-    proposals = drafter.propose(plan.drafts) if drafter and plan.drafts else []
-    sched.update(plan, verifier.verify(plan.with_trees(proposals)))
+    plan = plan.with_trees(drafter.propose(plan.drafts) if drafter and plan.drafts else [])
+    report = sched.update(plan, verifier.verify(plan.items))
+    sched.learn(report, TIMING)
     sched.check_integrity()
+    if record is not None:
+        record.reports.append(report)
+        record.done.update((o.request_id, o.completion) for o in report.outputs if o.completion)
     return plan
 
 
-def run(sched: Scheduler, verifier: ScriptedVerifier, drafter: ChainDrafter | None = None) -> None:
+def run(
+    sched: Scheduler,
+    verifier: ScriptedVerifier,
+    drafter: ChainDrafter | None = None,
+    record: Record | None = None,
+) -> dict[int, Completion]:
+    """Step until every request is done; the completions of those that finished meanwhile."""
+    record = Record() if record is None else record
     for _ in range(10_000):
         if not sched.has_unfinished():
-            return
-        assert not step(sched, verifier, drafter).empty, "a step scheduled nothing"
+            return record.done
+        assert not step(sched, verifier, drafter, record).empty, "a step scheduled nothing"
     raise AssertionError("requests did not finish")

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from core.draft import DraftBudget
+from core.plan import StepLoad, StepReport, StepTiming
 from scheduler.cost import CostCurve, CostModel
-from scheduler.policies import DraftPolicy, FixedDraft, LoadAwareDraft, NoDraft, StepLoad, StepRecord
+from scheduler.policy import DraftPolicy, Policy, PolicyOptions, make_policy
+from scheduler.policy.fixed import FixedDraft, NoDraft
 from scheduler.request import Status
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from tests.scheduler.fakes import (
     EOS,
     ChainDrafter,
+    Record,
     ScriptedVerifier,
+    empty_tree,
     expected_outputs,
     make_pool,
     make_request,
@@ -26,25 +31,37 @@ from tests.scheduler.fakes import (
 
 
 def _scheduler(
-    num_blocks: int = 64, policy: DraftPolicy | None = None, released: list[int] | None = None, **config: int
+    num_blocks: int = 64,
+    policy: DraftPolicy | None = None,
+    released: list[int] | None = None,
+    drafter: ChainDrafter | None = None,
+    **config: int,
 ) -> tuple[Scheduler, ScriptedVerifier]:
-    on_release = released.append if released is not None else (lambda request_id: None)
-    sched = Scheduler(make_pool(num_blocks), policy or NoDraft(), SchedulerConfig(**config), on_release)
+    def on_release(request_id: int) -> None:
+        if released is not None:
+            released.append(request_id)
+        if drafter is not None:
+            drafter.release(request_id)
+
+    sched = Scheduler(
+        make_pool(num_blocks), Policy(policy or NoDraft()), SchedulerConfig(**config), on_release
+    )
     return sched, ScriptedVerifier(sched)
 
 
 def test_long_prompt_is_fed_in_chunks_and_only_the_last_emits() -> None:
     sched, verifier = _scheduler(max_batch_tokens=4)
     sched.add(make_request(0, num_prompt=10, max_tokens=2))
-    chunks = []
+    chunks, record = [], Record()
     for _ in range(3):
-        (item,) = step(sched, verifier).items
+        (item,) = step(sched, verifier, record=record).items
         chunks.append((item.num_cached, item.token_ids.tolist(), item.emits))
     assert chunks == [(0, [0, 1, 2, 3], False), (4, [4, 5, 6, 7], False), (8, [8, 9], True)]
-    assert sched.requests[0].output_ids == [next_token(10)]
-    (item,) = step(sched, verifier).items
+    live = sched.get(0)
+    assert live is not None and live.output_ids == [next_token(10)]
+    (item,) = step(sched, verifier, record=record).items
     assert (item.num_cached, item.token_ids.tolist()) == (10, [next_token(10)])
-    assert sched.requests[0].finish_reason == "length"
+    assert record.done[0].finish_reason == "length" and sched.get(0) is None
 
 
 def test_running_requests_go_first_and_admissions_share_what_is_left() -> None:
@@ -60,24 +77,18 @@ def test_running_requests_go_first_and_admissions_share_what_is_left() -> None:
 def test_finishes_with_length_at_max_tokens() -> None:
     sched, verifier = _scheduler()
     sched.add(make_request(0, num_prompt=5, max_tokens=3))
-    run(sched, verifier)
-    req = sched.requests[0]
-    assert (req.output_ids, req.finish_reason, req.status) == (
-        expected_outputs(5, 3),
-        "length",
-        Status.FINISHED,
-    )
-    assert req.stats().verify_steps == 3
-    assert sched.pool.num_free_blocks == sched.pool.num_blocks
+    done = run(sched, verifier)[0]
+    assert (list(done.token_ids), done.finish_reason) == (expected_outputs(5, 3), "length")
+    assert done.stats.verify_steps == 3
+    assert sched.pool.num_free_blocks == sched.pool.num_blocks and not sched.has_unfinished()
 
 
 def test_accepted_tree_is_cut_at_max_tokens() -> None:
     sched, verifier = _scheduler(policy=FixedDraft(nodes=8))
     sched.add(make_request(0, num_prompt=5, max_tokens=3))
-    run(sched, verifier, ChainDrafter(right=8))
-    req = sched.requests[0]
-    assert (req.output_ids, req.finish_reason) == (expected_outputs(5, 3), "length")
-    assert (req.verify_steps, req.accepted_tokens) == (1, 2)  # depth cut to 2: two nodes plus the bonus
+    done = run(sched, verifier, ChainDrafter(right=8))[0]
+    assert (list(done.token_ids), done.finish_reason) == (expected_outputs(5, 3), "length")
+    assert (done.stats.verify_steps, done.stats.accepted_tokens) == (1, 2)  # depth cut to 2, plus the bonus
 
 
 def _eos_at(position: int) -> Callable[[int], int]:
@@ -89,12 +100,11 @@ def test_finishes_with_stop_at_eos_which_is_kept(drafted: bool) -> None:
     sched, verifier = _scheduler(policy=FixedDraft(nodes=4) if drafted else None)
     verifier.token = _eos_at(7)  # the third output
     sched.add(make_request(0, num_prompt=5, max_tokens=10))
-    run(sched, verifier, ChainDrafter(right=4, token=verifier.token) if drafted else None)
-    req = sched.requests[0]
-    assert req.output_ids == [next_token(5), next_token(6), EOS]
-    assert req.finish_reason == "stop"
+    done = run(sched, verifier, ChainDrafter(right=4, token=verifier.token) if drafted else None)[0]
+    assert list(done.token_ids) == [next_token(5), next_token(6), EOS]
+    assert done.finish_reason == "stop"
     if drafted:  # the accepted chain ran past EOS; what followed it was dropped
-        assert req.verify_steps == 1
+        assert done.stats.verify_steps == 1
     assert sched.pool.num_free_blocks == sched.pool.num_blocks
 
 
@@ -102,9 +112,9 @@ def test_eos_is_an_ordinary_token_with_ignore_eos() -> None:
     sched, verifier = _scheduler()
     verifier.token = _eos_at(6)
     sched.add(make_request(0, num_prompt=5, max_tokens=4, ignore_eos=True))
-    run(sched, verifier)
-    assert sched.requests[0].output_ids == [next_token(5), EOS, next_token(7), next_token(8)]
-    assert sched.requests[0].finish_reason == "length"
+    done = run(sched, verifier)[0]
+    assert list(done.token_ids) == [next_token(5), EOS, next_token(7), next_token(8)]
+    assert done.finish_reason == "length"
 
 
 def _workload(sched: Scheduler, prompts: list[int], max_tokens: int) -> None:
@@ -112,16 +122,19 @@ def _workload(sched: Scheduler, prompts: list[int], max_tokens: int) -> None:
         sched.add(make_request(rid, num_prompt, max_tokens))
 
 
-def _run_watching_preemptions(sched: Scheduler, verifier: ScriptedVerifier, drafter: ChainDrafter) -> int:
-    preempted = 0
+def _run_watching_preemptions(
+    sched: Scheduler, verifier: ScriptedVerifier, drafter: ChainDrafter, record: Record | None = None
+) -> int:
+    preempted, queue = 0, sched.queue
     while sched.has_unfinished():
-        order = [r.request_id for r in sched.running]
-        before = {rid: r.preemptions for rid, r in sched.requests.items()}
-        step(sched, verifier, drafter)
-        victims = [rid for rid in order if sched.requests[rid].preemptions > before[rid]]
+        order = [r.request_id for r in queue.running]
+        before = {rid: r.preemptions for rid, r in queue.requests.items()}
+        step(sched, verifier, drafter, record)
+        live = {rid: queue.requests.get(rid) for rid in order}
+        victims = [rid for rid, r in live.items() if r is not None and r.preemptions > before[rid]]
         assert victims == order[len(order) - len(victims) :], "a request older than a victim was preempted"
-        still_waiting = [rid for rid in victims if sched.requests[rid].status is Status.WAITING]
-        assert [r.request_id for r in sched.waiting][: len(still_waiting)] == still_waiting  # front, in age
+        still_waiting = [rid for rid in victims if queue.requests[rid].status is Status.WAITING]
+        assert [r.request_id for r in queue.waiting][: len(still_waiting)] == still_waiting  # front, in age
         preempted += len(victims)
     return preempted
 
@@ -133,35 +146,39 @@ def test_preemption_under_pressure_gives_the_same_outputs(policy: DraftPolicy) -
     for num_blocks in (64, 10):
         sched, verifier = _scheduler(num_blocks, policy)
         _workload(sched, prompts, max_tokens)
-        preempted = _run_watching_preemptions(sched, verifier, ChainDrafter(right=2))
+        record = Record()
+        preempted = _run_watching_preemptions(sched, verifier, ChainDrafter(right=2), record)
         assert (preempted > 0) == (num_blocks == 10)
-        outputs[num_blocks] = {rid: (r.output_ids, r.finish_reason) for rid, r in sched.requests.items()}
+        outputs[num_blocks] = {rid: (list(c.token_ids), c.finish_reason) for rid, c in record.done.items()}
         assert sched.pool.num_free_blocks == num_blocks
     assert outputs[10] == outputs[64]
     assert outputs[64] == {rid: (expected_outputs(p, max_tokens), "length") for rid, p in enumerate(prompts)}
 
 
-class _RecordingFixed(FixedDraft):
-    def __init__(self) -> None:
-        super().__init__(nodes=4)
-        self.records: list[StepRecord] = []
+@dataclass
+class _Recording:
+    """A policy that decides as ``inner`` does and keeps every load it was asked about and every
+    report it learned from."""
 
-    def observe_step(self, record: StepRecord) -> None:
-        self.records.append(record)
+    inner: DraftPolicy
+    loads: list[StepLoad] = field(default_factory=list)
+    reports: list[StepReport] = field(default_factory=list)
+
+    def choose(self, load: StepLoad) -> DraftBudget:
+        self.loads.append(load)
+        return self.inner.choose(load)
+
+    def learn(self, report: StepReport, timing: StepTiming) -> None:
+        self.reports.append(report)
 
 
 @pytest.mark.parametrize("num_blocks", [64, 10], ids=["roomy", "preempting"])
-def test_drafter_prefill_counts_each_requests_tokens_at_its_first_tree(num_blocks: int) -> None:
-    policy = _RecordingFixed()
-    sched, verifier = _scheduler(num_blocks, policy)
+def test_the_report_counts_the_drafters_prefill_of_each_request_at_its_first_tree(num_blocks: int) -> None:
+    policy, drafter = _Recording(FixedDraft(nodes=4)), ChainDrafter(right=2)
+    sched, verifier = _scheduler(num_blocks, policy, drafter=drafter)
     _workload(sched, [6, 7, 5, 6], 12)
-    drafter, preempted = ChainDrafter(right=2), 0
-    while sched.has_unfinished():
-        before = {r.request_id: r.preemptions for r in sched.running}
-        step(sched, verifier, drafter)
-        sched.record_step_time(draft_ms=1.0, verify_ms=1.0)
-        preempted += sum(sched.requests[rid].preemptions > n for rid, n in before.items())
-    prefills = sum(r.drafter_prefill for r in policy.records)
+    preempted = _run_watching_preemptions(sched, verifier, drafter)
+    prefills = sum(r.drafter_prefill for r in policy.reports)
     assert (preempted > 0) == (num_blocks == 10)
     if not preempted:
         assert prefills == 6 + 7 + 5 + 6  # each prompt once, before its first tree
@@ -169,18 +186,39 @@ def test_drafter_prefill_counts_each_requests_tokens_at_its_first_tree(num_block
         assert prefills > 6 + 7 + 5 + 6  # a preempted request's drafter encodes it all again
 
 
-class _RecordingLoads(NoDraft):
-    def __init__(self) -> None:
-        self.loads: list[StepLoad] = []
+def test_the_report_says_what_each_emitting_request_was_given_and_accepted() -> None:
+    policy, drafter = _Recording(FixedDraft(nodes=3)), ChainDrafter(right=2)
+    sched, verifier = _scheduler(policy=policy, max_batch_tokens=64)
+    sched.add(make_request(0, num_prompt=4, max_tokens=20))
+    step(sched, verifier, drafter)
+    sched.add(make_request(1, num_prompt=100, max_tokens=20))
+    step(sched, verifier, drafter)  # 0 samples with a tree; a chunk of 1's prompt rides along
+    report = policy.reports[-1]
+    assert [(a.budget.max_nodes, a.num_draft, a.accepted) for a in report.accepted] == [(3, 3, 2)]
+    assert (report.verify_tokens, report.tree_nodes) == (1 + 3 + 60, 3)
+    assert report.load == StepLoad(num_sampling=1, prefill_tokens=63, num_joining=1)
+    assert report.budget == DraftBudget(3, 3)
+    assert [o.new_token_ids for o in report.outputs] == [tuple(expected_outputs(4, 6)[3:])]
+    assert report.emitted_tokens == 3
 
-    def budget(self, load: StepLoad) -> DraftBudget:
-        self.loads.append(load)
-        return super().budget(load)
+
+def test_a_tree_the_drafter_had_no_room_for_is_counted_as_dropped() -> None:
+    class Full(ChainDrafter):
+        def propose(self, requests):  # type: ignore[no-untyped-def]
+            return [replace(p, tree=empty_tree(), dropped=True) for p in super().propose(requests)]
+
+    policy = _Recording(FixedDraft(nodes=3))
+    sched, verifier = _scheduler(policy=policy)
+    sched.add(make_request(0, num_prompt=4, max_tokens=5))
+    done = run(sched, verifier, Full())[0]
+    assert list(done.token_ids) == expected_outputs(4, 5)  # plain decoding each step
+    assert [r.drafter_dropped for r in policy.reports] == [1] * 4 + [0]  # the last step has no room left
+    assert done.stats.draft_tokens == 0
 
 
-def test_the_policy_sees_undrafted_requests_and_the_ones_joining() -> None:
+def test_the_policy_sees_who_samples_and_who_joins_soon() -> None:
     # request 0 decodes plainly for a while, then 1 and 2 arrive; 2's prompt waits for room
-    policy = _RecordingLoads()
+    policy = _Recording(NoDraft())
     sched, verifier = _scheduler(policy=policy, max_batch_tokens=8)
     sched.add(make_request(0, num_prompt=4, max_tokens=10))
     step(sched, verifier)
@@ -190,8 +228,8 @@ def test_the_policy_sees_undrafted_requests_and_the_ones_joining() -> None:
     step(sched, verifier)
     load = policy.loads[-1]
     assert load.num_sampling == 1 and load.num_joining == 2  # both newcomers will sample soon
-    assert load.undrafted == ((4 + 2, 10 - 2),)  # request 0: its tokens, what it may still emit
     assert load.prefill_tokens == 7  # what is left of the step's 8 tokens after request 0's one
+    assert not load.decoding and policy.loads[1].decoding
 
 
 def test_preempted_request_recomputes_its_prompt_in_chunks() -> None:
@@ -199,9 +237,10 @@ def test_preempted_request_recomputes_its_prompt_in_chunks() -> None:
     sched, verifier = _scheduler(num_blocks=7, max_batch_tokens=4)
     sched.add(make_request(0, num_prompt=2, max_tokens=20))
     sched.add(make_request(1, num_prompt=10, max_tokens=8))
-    assert _run_watching_preemptions(sched, verifier, ChainDrafter()) > 0
-    assert sched.requests[0].output_ids == expected_outputs(2, 20)
-    assert sched.requests[1].output_ids == expected_outputs(10, 8)
+    record = Record()
+    assert _run_watching_preemptions(sched, verifier, ChainDrafter(), record) > 0
+    assert list(record.done[0].token_ids) == expected_outputs(2, 20)
+    assert list(record.done[1].token_ids) == expected_outputs(10, 8)
 
 
 def test_chunk_of_a_preempted_request_stops_inside_the_prompt() -> None:
@@ -220,6 +259,7 @@ def test_abort_of_waiting_and_running_requests_frees_their_blocks() -> None:
     assert sched.pool.num_free_blocks < sched.pool.num_blocks
     out = sched.abort(0)
     assert out is not None and (out.finished, out.finish_reason, out.new_token_ids) == (True, "abort", ())
+    assert out.completion is not None and out.completion.finish_reason == "abort"
     assert sched.pool.num_free_blocks == sched.pool.num_blocks and released == [0]
     out = sched.abort(1)
     assert out is not None and out.finish_reason == "abort"
@@ -233,26 +273,29 @@ def test_many_requests_with_random_aborts_leak_nothing() -> None:
     sched, verifier = _scheduler(num_blocks=12, policy=FixedDraft(nodes=3), max_running=6)
     drafter, pending, aborted = ChainDrafter(right=1), list(range(100)), set()
     lengths = {rid: (rng.randint(1, 12), rng.randint(1, 10)) for rid in pending}
+    record = Record()
     while pending or sched.has_unfinished():
         for rid in pending[:3]:
             sched.add(make_request(rid, *lengths[rid]))
         del pending[:3]
-        step(sched, verifier, drafter)
-        live = [r.request_id for r in [*sched.running, *sched.waiting]]
+        step(sched, verifier, drafter, record)
+        live = list(sched.queue.requests)
         if live and rng.random() < 0.3:
             victim = rng.choice(live)
-            assert sched.abort(victim) is not None
+            out = sched.abort(victim)
+            assert out is not None and out.completion is not None
+            record.done[victim] = out.completion
             aborted.add(victim)
             sched.check_integrity()
     assert sched.pool.num_free_blocks == sched.pool.num_blocks
-    assert sum(r.preemptions for r in sched.requests.values()) > 0  # the pool did run out
+    assert sum(c.stats.preemptions for c in record.done.values()) > 0  # the pool did run out
     assert 10 < len(aborted) < 60
     for rid, (num_prompt, max_tokens) in lengths.items():
-        req = sched.requests[rid]
+        done = record.done[rid]
         want = expected_outputs(num_prompt, max_tokens)
-        assert req.finish_reason == ("abort" if rid in aborted else "length")
-        assert req.output_ids == want[: len(req.output_ids)]
-        assert rid in aborted or len(req.output_ids) == max_tokens
+        assert done.finish_reason == ("abort" if rid in aborted else "length")
+        assert list(done.token_ids) == want[: len(done.token_ids)]
+        assert rid in aborted or len(done.token_ids) == max_tokens
 
 
 def test_add_rejects_a_request_beyond_the_context_window() -> None:
@@ -264,7 +307,7 @@ def test_add_rejects_a_request_beyond_the_context_window() -> None:
         sched.add(make_request(0, num_prompt=2, max_tokens=2))
     with pytest.raises(ValueError, match="more than the whole KV pool holds"):
         _scheduler(num_blocks=4)[0].add(make_request(2, num_prompt=10, max_tokens=7))
-    assert list(sched.requests) == [0]
+    assert [r.request_id for r in sched.queue.waiting] == [0]
 
 
 def test_tree_budget_is_cut_by_the_tokens_left_to_emit() -> None:
@@ -289,9 +332,8 @@ def test_tree_budget_is_cut_by_the_step_token_budget() -> None:
 
 def test_trees_carry_the_policys_ratio_unless_the_request_pinned_its_own() -> None:
     used = [0.0]
-    policy = LoadAwareDraft(
-        cost=CostModel(CostCurve((1, 1000), (10.0, 10.0)), CostCurve((1, 1000), (1.0, 1.0)))
-    )
+    flat = CostModel(CostCurve((1, 1000), (10.0, 10.0)), CostCurve((1, 1000), (1.0, 1.0)))
+    policy = make_policy("load_aware", PolicyOptions(cost=lambda: flat))
     sched = Scheduler(make_pool(), policy, SchedulerConfig(), drafter_kv_used=lambda: used[0])
     verifier, drafter = ScriptedVerifier(sched), ChainDrafter()
     sched.add(make_request(0, num_prompt=4, max_tokens=20, compression=None))

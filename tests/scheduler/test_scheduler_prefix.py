@@ -12,10 +12,11 @@ import torch
 from kvcache import kv_codec
 from kvcache.block_hash import CacheScope, block_hashes, tenant_salt
 from kvcache.prefix_cache import PrefixCache
-from scheduler.policies import NoDraft
+from scheduler.policy import Policy
+from scheduler.policy.fixed import NoDraft
 from scheduler.request import RequestState, Status
 from scheduler.scheduler import Scheduler
-from tests.scheduler.fakes import BLOCK_SIZE, ScriptedVerifier, make_pool, make_request, run, step
+from tests.scheduler.fakes import BLOCK_SIZE, Record, ScriptedVerifier, make_pool, make_request, run, step
 
 MODEL = b"m" * 32
 
@@ -48,21 +49,22 @@ def scheduler(
 ) -> tuple[Scheduler, ScriptedVerifier, PrefixCache]:
     pool = make_pool(num_blocks)
     prefix = PrefixCache(pool, MODEL, remote)
-    sched = Scheduler(pool, NoDraft(), prefix=prefix)
+    sched = Scheduler(pool, Policy(NoDraft()), prefix=prefix)
     return sched, ScriptedVerifier(sched), prefix
 
 
 def test_a_second_request_with_the_same_prompt_starts_after_the_cached_blocks() -> None:
     sched, verifier, prefix = scheduler()
     sched.add(hashed(make_request(0, num_prompt=14, max_tokens=3)))
-    run(sched, verifier)
+    done = run(sched, verifier)
     sched.add(hashed(make_request(1, num_prompt=14, max_tokens=3)))
-    step(sched, verifier)
+    record = Record()
+    step(sched, verifier, record=record)
     first = verifier.items[-1]
     assert (first.request_id, first.num_cached, first.token_ids.tolist()) == (1, 12, [12, 13])
-    run(sched, verifier)
-    assert sched.requests[1].cached_tokens == 12 and prefix.stats.local_hits == 3
-    assert sched.requests[1].output_ids == sched.requests[0].output_ids
+    done.update(run(sched, verifier, record=record))
+    assert done[1].stats.cached_tokens == 12 and prefix.stats.local_hits == 3
+    assert done[1].token_ids == done[0].token_ids
 
 
 def test_a_request_waiting_for_redis_lets_others_run_then_starts_from_what_came() -> None:
@@ -78,22 +80,24 @@ def test_a_request_waiting_for_redis_lets_others_run_then_starts_from_what_came(
     assert len(remote.stored) == 3
 
     sched, verifier, prefix = scheduler(remote)
-    sched.add(hashed(make_request(0, num_prompt=14, max_tokens=3)))
+    reader = hashed(make_request(0, num_prompt=14, max_tokens=3))
+    sched.add(reader)
     sched.add(make_request(1, num_prompt=6, max_tokens=3))  # not hashed: nothing to look up
     remote.fetches.clear()
-    step(sched, verifier)  # request 0 asks Redis and waits; request 1 (other prompt) runs
+    record = Record()
+    step(sched, verifier, record=record)  # request 0 asks Redis and waits; request 1 (other prompt) runs
     assert [i.request_id for i in verifier.items] == [1]
-    assert sched.requests[0].status is Status.WAITING and sched.requests[0].blocks is None
+    assert reader.status is Status.WAITING and reader.blocks is None
     (asked, future), *_ = remote.fetches
     future.set_result([remote.stored.get(c) for c in asked])
     sched.wait_for_fetches(timeout_s=5)  # the values are checked on a worker thread
-    step(sched, verifier)
+    step(sched, verifier, record=record)
     mine = [i for i in verifier.items if i.request_id == 0]
     assert mine[0].num_cached == 12 and mine[0].token_ids.tolist() == [12, 13]
-    run(sched, verifier)
-    assert sched.requests[0].cached_tokens == 12 and prefix.stats.remote_hits == 3
+    done = run(sched, verifier, record=record)
+    assert done[0].stats.cached_tokens == 12 and prefix.stats.remote_hits == 3
     kv = sched.pool.kv
-    for index, content in enumerate(sched.requests[0].block_hashes[:3]):  # the stored KV, exactly
+    for index, content in enumerate(reader.block_hashes[:3]):  # the stored KV, exactly
         (block,) = sched.pool.lookup([content])
         meta = kv_codec.BlockMeta(MODEL, kv.layout, content, (index * BLOCK_SIZE, (index + 1) * BLOCK_SIZE))
         stored = kv_codec.decode(remote.stored[content], meta)
@@ -110,8 +114,8 @@ def test_a_redis_miss_computes_the_whole_prompt() -> None:
     (asked, future), *_ = remote.fetches
     future.set_result([None] * len(asked))
     sched.wait_for_fetches(timeout_s=5)
-    run(sched, verifier)
-    assert verifier.items[0].num_cached == 0 and sched.requests[0].cached_tokens == 0
+    done = run(sched, verifier)
+    assert verifier.items[0].num_cached == 0 and done[0].stats.cached_tokens == 0
 
 
 def test_an_aborted_request_waiting_for_redis_leaves_nothing_behind() -> None:
@@ -130,11 +134,11 @@ def test_a_preempted_request_is_readmitted_from_its_own_published_blocks() -> No
     sched, verifier, prefix = scheduler(num_blocks=10)  # 40 KV entries: two 26-token sequences do not fit
     for rid in range(2):
         sched.add(hashed(make_request(rid, num_prompt=14, max_tokens=12)))
-    run(sched, verifier)
-    assert sum(r.preemptions for r in sched.requests.values()) > 0
+    done = run(sched, verifier)
+    assert sum(c.stats.preemptions for c in done.values()) > 0
     again = [i for i in verifier.items if i.request_id == 1 and i.num_cached > 0 and i.num_cached < 14]
     assert again, "the preempted request recomputed its prompt instead of reusing its blocks"
-    assert all(r.cached_tokens == 0 for r in sched.requests.values())  # counted at first admission only
+    assert all(c.stats.cached_tokens == 0 for c in done.values())  # counted at first admission only
     assert prefix.stats.local_hits > 0
 
 
@@ -145,6 +149,6 @@ def test_a_store_that_raises_is_a_miss_not_a_hang() -> None:
     step(sched, verifier)
     remote.fetches[0][1].set_exception(ConnectionError("boom"))
     sched.wait_for_fetches(timeout_s=5)
-    run(sched, verifier)
-    assert sched.requests[0].cached_tokens == 0
+    done = run(sched, verifier)
+    assert done[0].stats.cached_tokens == 0
     assert prefix.stats.rejected == {"store failed: ConnectionError": 1}

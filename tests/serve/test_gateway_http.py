@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import threading
 import time
@@ -114,6 +115,32 @@ def test_openai_client_streams_the_same_text_with_usage(server: Server, oracle: 
     assert text == expected_text(oracle, sample, 48)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def _answer(server: Server, sample: object, stop: list[str] | None, stream: bool) -> tuple[str, list[str]]:
+    """The answer's text, and the content of each streamed chunk (one per engine step)."""
+    out = client(server).chat.completions.create(  # type: ignore[attr-defined]
+        model="bob", messages=chat_messages(sample, data_url(sample.image())),  # type: ignore[attr-defined]
+        temperature=0, max_tokens=48, stop=stop, stream=stream,
+    )  # fmt: skip
+    if not stream:
+        return out.choices[0].message.content, []
+    pieces = [c.choices[0].delta.content or "" for c in out if c.choices]
+    return "".join(pieces), pieces
+
+
+def test_a_stop_string_spanning_steps_streams_exactly_the_text_that_is_returned(server: Server) -> None:
+    sample = make_sample(EVAL_SEED_START + 43, "bob", kind="describe")
+    full, pieces = _answer(server, sample, None, stream=True)
+    # stop strings across the boundary between two steps' text: their starts arrive a step early
+    edges = list(itertools.accumulate(len(p) for p in pieces))[:-1]
+    spanning = [full[e - 2 : e + 3] for e in edges if 2 <= e <= len(full) - 3][:4]
+    assert len(spanning) >= 2, pieces
+    for stop in spanning:
+        want = full[: full.find(stop)]
+        streamed, chunks = _answer(server, sample, [stop], stream=True)
+        returned, _ = _answer(server, sample, [stop], stream=False)
+        assert streamed == returned == want, (stop, chunks)
 
 
 def test_models_lists_the_base_model_and_the_callers_adapter_only(server: Server) -> None:

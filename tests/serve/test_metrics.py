@@ -9,7 +9,8 @@ import pytest
 from core.plan import RequestStats
 from kvcache.prefix_cache import PrefixStats
 from kvcache.redis_store import TierStats
-from scheduler.engine import Completion, StepTotals
+from scheduler.engine import Completion
+from scheduler.snapshot import EngineSnapshot, PrefixCounters, StepTotals
 from serve.metrics import EngineMetrics, GatewayMetrics
 from tests.serve.conftest import Recorded
 
@@ -29,18 +30,21 @@ def test_finished_request_feeds_latency_tau_and_speculation_counters(recorded: d
 
 def test_samples_turn_running_sums_into_means_and_increments(recorded: dict[str, Recorded]) -> None:
     m = EngineMetrics()
-    pool = SimpleNamespace(num_free_blocks=75, num_blocks=100)
-    sched = SimpleNamespace(waiting=[1, 2], running=[3], pool=pool, drafter_kv_used=lambda: 0.5, prefix=None)
-    engine = SimpleNamespace(scheduler=sched, totals=StepTotals(steps=4, requests=12, verify_tokens=400))
+    snapshot = EngineSnapshot(
+        waiting=2, running=1, kv_used=0.25, drafter_kv_used=0.5,
+        totals=StepTotals(steps=4, batch_requests=12, verify_tokens=400, drafter_dropped=1),
+    )  # fmt: skip
     adapters = SimpleNamespace(stats=SimpleNamespace(loads=3, evictions=1))
-    m.sample(engine, adapters)
-    engine.totals = StepTotals(steps=6, requests=22, verify_tokens=500)
+    m.sample(snapshot, adapters)
+    later = StepTotals(steps=6, batch_requests=22, verify_tokens=500, drafter_dropped=4)
     adapters.stats.loads = 5
-    m.sample(engine, adapters)
+    m.sample(EngineSnapshot(waiting=2, running=1, kv_used=0.25, totals=later), adapters)
     assert recorded["covspec_verifier_batch_requests"].values == [(3.0, {}), (5.0, {})]
     assert recorded["covspec_verifier_tokens_per_step"].values == [(100.0, {}), (50.0, {})]
     assert recorded["covspec_kv_blocks_used_fraction"].values[-1] == (0.25, {})
+    assert recorded["covspec_drafter_kv_blocks_used_fraction"].values == [(0.5, {}), (0.0, {})]
     assert recorded["covspec_queue_waiting"].values[-1] == (2, {})
+    assert recorded["covspec_drafter_kv_dropped"].values == [(1, {}), (3, {})]
     assert recorded["covspec_adapter_loads"].values == [(3, {}), (2, {})]
     assert recorded["covspec_adapter_evictions"].values == [(1, {})]
 
@@ -60,13 +64,10 @@ def test_prefix_cache_blocks_redis_traffic_and_faults_are_counted(recorded: dict
     stats = PrefixStats(local_hits=4, remote_hits=6, misses=10, loads=2, load_ms=[20.0, 40.0])
     stats.rejected["checksum mismatch"] += 1
     tier = TierStats(bytes_read=600, bytes_written=1000, errors=2, dropped_writes=3)
-    prefix = SimpleNamespace(stats=stats, remote=SimpleNamespace(stats=tier, breaker_open=True))
-    pool = SimpleNamespace(num_free_blocks=75, num_blocks=100, num_cached_blocks=16)
-    sched = SimpleNamespace(waiting=[], running=[], pool=pool, drafter_kv_used=lambda: 0.0, prefix=prefix)
-    engine = SimpleNamespace(scheduler=sched, totals=StepTotals())
-    m.sample(engine, None)
-    stats.local_hits, stats.loads, stats.load_ms = 7, 3, [20.0, 40.0, 10.0]
-    m.sample(engine, None)
+    m.sample(EngineSnapshot(prefix=PrefixCounters(16, stats, tier, redis_breaker_open=True)), None)
+    later = PrefixStats(local_hits=7, remote_hits=6, misses=10, loads=3, load_ms=[20.0, 40.0, 10.0])
+    later.rejected["checksum mismatch"] += 1
+    m.sample(EngineSnapshot(prefix=PrefixCounters(16, later, tier, redis_breaker_open=True)), None)
     assert recorded["covspec_prefix_blocks"].values == [
         (4, {"source": "local"}), (6, {"source": "redis"}), (10, {"source": "computed"}),
         (3, {"source": "local"}),

@@ -56,7 +56,7 @@ def answer_matches_oracle(built: BuiltEngine, oracle: Oracle, seed: int) -> int:
 def prefix_keys(built: BuiltEngine, oracle: Oracle, seed: int) -> list[bytes]:
     """The Redis keys of the prompt's usable prefix blocks, in order."""
     prompt = oracle.prompt("what is it", random_image(seed), SYSTEM)
-    hashes = built.engine._block_hashes(prompt, built.engine.encode(prompt))
+    hashes = built.engine.scheduler.admission.block_hashes(prompt, built.engine.encode(prompt))
     return [redis_key(h) for h in hashes[: (built.engine.encode(prompt).num_tokens - 1) // BLOCK]]
 
 
