@@ -9,27 +9,22 @@ with fixed 8-node trees, once per drafting choice; the outputs must be identical
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_info
+from benchmarks import harness
 from models.tiny.adapter_data import user_samples
 from models.tiny.personas import DEMO_USERS
 from serve.adapter_eval import TAU_TREE_NODES, adapter_engine, measure_tau
-from serve.commands.generate import ADAPTERS, DEFAULT_DRAFTER, DEFAULT_TARGET
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=60, help="prompts per user")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    missing = [u for u in DEMO_USERS if not (ADAPTERS / u).is_dir()]
+    p = harness.parser(__doc__)
+    p.add_argument("--n", type=int, default=60, help="prompts per user")
+    args = p.parse_args()
+    missing = [u for u in DEMO_USERS if not (harness.ADAPTERS / u).is_dir()]
     if missing:
         raise SystemExit(f"no shipped adapters for {missing}; run covspec train-adapter --user NAME")
-    built = adapter_engine(DEFAULT_TARGET, DEFAULT_DRAFTER, [(u, ADAPTERS / u) for u in DEMO_USERS])
+    built = adapter_engine(harness.TARGET, harness.DRAFTER, [(u, harness.ADAPTERS / u) for u in DEMO_USERS])
     rows: dict[str, Any] = {}
     for i, user in enumerate(DEMO_USERS):
         other = DEMO_USERS[(i + 1) % len(DEMO_USERS)]
@@ -47,53 +42,39 @@ def main() -> None:
         print(user, rows[user])
         if not lossless:
             raise SystemExit(f"{user}: outputs differ between drafting choices; speculation is not lossless")
-    report = {
+    result = {
         "benchmark": "adapter_tau",
         "prompts_per_user": args.n,
         "tree_nodes": TAU_TREE_NODES,
-        "machine": machine_info(),
+        "machine": harness.machine_info(),
         "users": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adapter_tau.json").write_text(json.dumps(report, indent=1))
-    write_markdown_and_plot(report, args.out / "adapter_tau")
+    harness.write_report(args.out / "adapter_tau", result, report(result))
 
 
-def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    users = report["users"]
-    lines = [
-        f"τ (tokens per verify step) on {report['prompts_per_user']} fresh prompts per demo user, "
-        f"fixed {report['tree_nodes']}-node trees; outputs identical in all three runs.",
-        "",
-        "| user | base drafter | own adapter | another user's adapter | own vs base |",
-        "| --- | ---: | ---: | ---: | ---: |",
+def report(result: dict[str, Any]) -> harness.Report:
+    users = result["users"]
+    intro = (
+        f"τ (tokens per verify step) on {result['prompts_per_user']} fresh prompts per demo user, "
+        f"fixed {result['tree_nodes']}-node trees; outputs identical in all three runs."
+    )
+    columns = {
+        "user": "{name}",
+        "base drafter": "{tau[base]:.2f}",
+        "own adapter": "{tau[own]:.2f}",
+        "another user's adapter": "{tau[other]:.2f} ({other_adapter})",
+        "own vs base": "{own_gain_over_base:+.1%}",
+    }
+    table = harness.Table.of(users.items(), columns)
+    names = list(users)
+    bars = [
+        harness.Series(label, names, [users[u]["tau"][key] for u in names])
+        for key, label in (("base", "base drafter"), ("own", "own adapter"), ("other", "other's adapter"))
     ]
-    for user, row in users.items():
-        t = row["tau"]
-        lines.append(
-            f"| {user} | {t['base']:.2f} | {t['own']:.2f} | {t['other']:.2f} ({row['other_adapter']}) | "
-            f"{row['own_gain_over_base']:+.1%} |"
-        )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names, width = list(users), 0.27
-    for j, (key, label) in enumerate(
-        [("base", "base drafter"), ("own", "own adapter"), ("other", "other's adapter")]
-    ):
-        xs = [i + (j - 1) * width for i in range(len(names))]
-        ax.bar(xs, [users[u]["tau"][key] for u in names], width, label=label)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("τ (tokens per verify step)")
-    ax.set_title("Per-user drafter adapters, tiny models")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
-    plt.close(fig)
+    panel = harness.Panel(
+        "Per-user drafter adapters, tiny models", "", "τ (tokens per verify step)", bars, kind="bar"
+    )
+    return harness.Report([intro, table], harness.Plot([panel], panel_size=(6, 3.5)))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ same forward.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import Case, machine_info, time_interleaved, warm_up
+from benchmarks import harness
 from core.forward_batch import SequenceInput, pack
 from core.tree import DraftTree
 from drafter_pool.adapters import AdapterRegistry
@@ -27,10 +24,7 @@ from kvcache.sequence_blocks import SequenceBlocks
 from models.loader import load_model
 from models.lora import LORA_MODULES, LoraAdapter, LoraWeights, module_shapes
 from models.prompt_encoder import PromptEncoder
-from models.tiny.samples import EVAL_SEED_START, make_sample
-from serve.chat import chat_prompt
 
-DRAFTER = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-drafter"
 TREE = DraftTree(torch.tensor([10, 11, 12, 13, 14, 15, 16, 17]), torch.tensor([-1, -1, 0, 1, 2, 3, 4, 5]))
 REQUESTS, RANK = 16, 8
 DISTINCT = (1, 4, 8, 16)
@@ -51,9 +45,8 @@ def random_adapter(name: str, cfg: Any, seed: int) -> LoraAdapter:
 def tree_inputs(model: Any, pool: BlockPool) -> list[SequenceInput]:
     """Each request's prompt prefilled; returns the tree-level input that follows it."""
     encoder, processor, seqs = PromptEncoder(model), model.processor(), []
-    for i in range(REQUESTS):
-        s = make_sample(EVAL_SEED_START + 900 + i)
-        encoded = encoder.encode(chat_prompt(processor, s.question.text, [s.image()], s.system))
+    for sample in harness.eval_samples(harness.BATCH_SEED_OFFSET, REQUESTS):
+        encoded = encoder.encode(harness.prompt_of(processor, sample))
         blocks = SequenceBlocks(pool)
         blocks.reserve(encoded.num_tokens + TREE.num_nodes)
         prefill = SequenceInput(
@@ -69,11 +62,8 @@ def tree_inputs(model: Any, pool: BlockPool) -> list[SequenceInput]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    model = load_model(DRAFTER)
+    args = harness.parser(__doc__, repeats=30).parse_args()
+    model = load_model(harness.DRAFTER)
     pool = BlockPool(model.decoder.kv_layout(1024, 16))
     batch = pack(tree_inputs(model, pool), pool.block_size)
     registry = AdapterRegistry(model.decoder.cfg, slots=max(DISTINCT), max_rank=RANK)
@@ -88,10 +78,10 @@ def main() -> None:
             lora = registry.batch(slots.repeat_interleave(per_request))
         return model.decoder(batch, pool.kv, lora)
 
-    cases = {"no adapter": Case(run=lambda: forward(None))}
-    cases.update({f"{k} adapters": Case(run=lambda k=k: forward(k)) for k in DISTINCT})
-    warm_up(cases, 3)
-    timing = time_interleaved(cases, args.repeats)
+    cases = {"no adapter": harness.Case(run=lambda: forward(None))}
+    cases.update({f"{k} adapters": harness.Case(run=lambda k=k: forward(k)) for k in DISTINCT})
+    harness.warm_up(cases, 3)
+    timing = harness.time_interleaved(cases, args.repeats)
     tokens = REQUESTS * per_request
     rows = {name: t.as_dict(tokens) for name, t in timing.items()}
     single = timing["1 adapters"].median_ms
@@ -100,48 +90,41 @@ def main() -> None:
     rows["no adapter"]["throughput_vs_one_adapter"] = single / timing["no adapter"].median_ms
     for name, row in rows.items():
         print(f"{name}: {row['median_ms']:.2f} ms, {row['throughput_vs_one_adapter']:.2f}x of one adapter")
-    report = {
+    result = {
         "benchmark": "adapter_throughput",
         "requests": REQUESTS,
         "tree_nodes": TREE.num_nodes,
         "rank": RANK,
         "modules": list(LORA_MODULES),
-        "machine": machine_info(),
+        "machine": harness.machine_info(),
         "cases": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adapter_throughput.json").write_text(json.dumps(report, indent=1))
-    write_markdown_and_plot(report, args.out / "adapter_throughput")
+    harness.write_report(args.out / "adapter_throughput", result, report(result))
 
 
-def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = report["cases"]
-    lines = [
-        f"One tiny-drafter forward of {report['requests']} requests x {report['tree_nodes']}-node trees, "
-        f"rank-{report['rank']} LoRA on all seven projections (median of the repeats).",
-        "",
-        "| adapters in the batch | ms | tokens/s | throughput vs one adapter |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for name, row in cases.items():
-        lines.append(
-            f"| {name} | {row['median_ms']:.2f} | {row['tokens_per_s']:.0f} | "
-            f"{row['throughput_vs_one_adapter']:.2f}x |"
-        )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+def report(result: dict[str, Any]) -> harness.Report:
+    cases = result["cases"]
+    intro = (
+        f"One tiny-drafter forward of {result['requests']} requests x {result['tree_nodes']}-node trees, "
+        f"rank-{result['rank']} LoRA on all seven projections (median of the repeats)."
+    )
+    columns = {
+        "adapters in the batch": "{name}",
+        "ms": "{median_ms:.2f}",
+        "tokens/s": "{tokens_per_s:.0f}",
+        "throughput vs one adapter": "{throughput_vs_one_adapter:.2f}x",
+    }
+    table = harness.Table.of(cases.items(), columns)
     names = list(cases)
-    ax.bar(names, [cases[n]["tokens_per_s"] for n in names], color=["grey"] + ["C0"] * (len(names) - 1))
-    ax.set_ylabel("drafter tokens/s (median)")
-    ax.set_title("Mixed-adapter drafter forward, tiny drafter")
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
-    plt.close(fig)
+    bars = harness.Series("median", names, [cases[n]["tokens_per_s"] for n in names])
+    panel = harness.Panel(
+        "Mixed-adapter drafter forward, tiny drafter",
+        "",
+        "drafter tokens/s (median)",
+        [bars],
+        kind="bar",
+    )
+    return harness.Report([intro, table], harness.Plot([panel], panel_size=(5.5, 3.5)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ untimed. Run: ``python -m benchmarks.forward_cost [--quick] [--out benchmarks/re
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import Case, machine_info, time_interleaved, warm_up
-from benchmarks.forward_cost_report import BatchResult, Report, RunInfo, SingleResult, write_reports
+from benchmarks import harness
+from benchmarks.forward_cost_report import BatchResult, SingleResult, report, to_json
 from core.forward_batch import SequenceInput, pack
 from core.kv import PagedKVCache
 from models.decoder import Decoder
@@ -143,7 +142,7 @@ def hf_prefill(model: Any, prefixes: torch.Tensor) -> Any:
     return cache
 
 
-def hf_case(model: Any, cache: Any, new_ids: torch.Tensor) -> Case:
+def hf_case(model: Any, cache: Any, new_ids: torch.Tensor) -> harness.Case:
     """Forward ``new_ids`` [B, k] over ``cache``; reset crops the cache back to the prefix.
 
     In transformers 5.24 ``crop`` takes the (negative) number of tokens to remove.
@@ -158,7 +157,7 @@ def hf_case(model: Any, cache: Any, new_ids: torch.Tensor) -> Case:
         if cache.get_seq_length() != PREFIX_LEN:
             raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens after crop, not {PREFIX_LEN}")
 
-    return Case(run, reset)
+    return harness.Case(run, reset)
 
 
 # --- measurements -------------------------------------------------------------------------------
@@ -180,11 +179,11 @@ def measure_single(
     new = torch.randint(models.vocab_size, (k,), generator=gen)
     seq = step_input(table, new)
     cases = {
-        "ours": Case(lambda: ours_packed(models.ours, pool.kv, [seq])),
+        "ours": harness.Case(lambda: ours_packed(models.ours, pool.kv, [seq])),
         "hf": hf_case(models.hf, cache, new[None]),
     }
-    last = warm_up(cases, WARMUP_ROUNDS)
-    t = time_interleaved(cases, repeats)
+    last = harness.warm_up(cases, WARMUP_ROUNDS)
+    t = harness.time_interleaved(cases, repeats)
     return SingleResult(k, t["ours"], t["hf"], logit_diff(last, "ours", "hf"))
 
 
@@ -200,12 +199,12 @@ def measure_batch(
     new = torch.randint(models.vocab_size, (len(tables), k), generator=gen)
     seqs = [step_input(table, row) for table, row in zip(tables, new, strict=True)]
     cases = {
-        "packed": Case(lambda: ours_packed(models.ours, pool.kv, seqs)),
-        "separate": Case(lambda: ours_separate(models.ours, pool.kv, seqs)),
+        "packed": harness.Case(lambda: ours_packed(models.ours, pool.kv, seqs)),
+        "separate": harness.Case(lambda: ours_separate(models.ours, pool.kv, seqs)),
         "hf": hf_case(models.hf, cache, new),
     }
-    last = warm_up(cases, WARMUP_ROUNDS)
-    t = time_interleaved(cases, repeats)
+    last = harness.warm_up(cases, WARMUP_ROUNDS)
+    t = harness.time_interleaved(cases, repeats)
     return BatchResult(len(tables), k, t["packed"], t["separate"], t["hf"], logit_diff(last, "packed", "hf"))
 
 
@@ -258,21 +257,16 @@ def setup(repeats: int) -> dict[str, Any]:
     }
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} repeats instead of {REPEATS}")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for json/png/md")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+    p = harness.parser(__doc__)
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} repeats instead of {REPEATS}")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
     repeats = QUICK_REPEATS if args.quick else REPEATS
     torch.set_num_threads(THREADS)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    machine = machine_info()
+    machine = harness.machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         models = build_models(Path(tmp))  # outside inference mode, as the engine loads its models
         with torch.inference_mode():
@@ -280,8 +274,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             with tqdm(total=len(SINGLE_KS) + len(BATCH_SIZES) * len(BATCH_KS), unit="config") as bar:
                 single = run_single_curve(models, pool, repeats, gen, bar)
                 batch = run_batch_curve(models, pool, repeats, gen, bar)
-    run = RunInfo(machine, model_info(models), setup(repeats))
-    print(write_reports(Report(tuple(single), tuple(batch), run), args.out))
+    result = to_json(single, batch, machine, model_info(models), setup(repeats))
+    rendered = report(result)
+    harness.write_report(args.out / "forward_cost", result, rendered)
+    print(rendered.markdown())
 
 
 if __name__ == "__main__":

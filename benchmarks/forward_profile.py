@@ -8,17 +8,17 @@ gather, KV write, attention kernel, ...). Run: ``python -m benchmarks.forward_pr
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import Case, time_interleaved, warm_up
+from benchmarks import harness
 from benchmarks.forward_cost import (
     BLOCK_SIZE,
     PREFIX_LEN,
@@ -38,7 +38,7 @@ from core.kv import PagedKVCache
 PROFILED_CALLS = 30
 PROFILER_CAVEAT = (
     "Indicative only: under the profiler, transformers' `aten::cat` (DynamicCache append) varied "
-    "from ~2 to ~24 ms per 16 x 1 call between sessions; trust the wall-clock medians above."
+    "from ~2 to ~24 ms per 16 x 1 call from run to run; trust the wall-clock medians above."
 )
 # Op name -> role; anything else is "other". Self CPU time is summed per role.
 ROLES = {
@@ -65,8 +65,8 @@ ROLES = {
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    ours: Case
-    hf: Case
+    ours: harness.Case
+    hf: harness.Case
     seqs: tuple[SequenceInput, ...]
 
 
@@ -77,7 +77,7 @@ def scenario(models: Models, pool: PrefixPool, batch_size: int, gen: torch.Gener
     seqs = tuple(step_input(t, row) for t, row in zip(tables, new, strict=True))
     return Scenario(
         name=f"{batch_size} sequence(s) x 1 new token",
-        ours=Case(lambda: ours_packed(models.ours, pool.kv, seqs)),
+        ours=harness.Case(lambda: ours_packed(models.ours, pool.kv, seqs)),
         hf=hf_case(models.hf, hf_prefill(models.hf, prefixes), new),
         seqs=seqs,
     )
@@ -104,19 +104,23 @@ def bookkeeping_ms(models: Models, pool: PrefixPool, sc: Scenario, repeats: int)
     cases = {
         "ours step": sc.ours,
         "hf step": sc.hf,
-        "ours pack": Case(lambda: pack(sc.seqs, BLOCK_SIZE)),
-        "ours prepare (slots + mask)": Case(lambda: backend.prepare(batch, scale)),
-        "ours rotary tables": Case(lambda: models.ours.rotary.tables(batch.positions, torch.float32)),
-        "ours KV gather, all layers (pool[slots])": Case(lambda: gather_all_layers(pool.kv, slots, False)),
-        "same gather via index_select (comparison)": Case(lambda: gather_all_layers(pool.kv, slots, True)),
+        "ours pack": harness.Case(lambda: pack(sc.seqs, BLOCK_SIZE)),
+        "ours prepare (slots + mask)": harness.Case(lambda: backend.prepare(batch, scale)),
+        "ours rotary tables": harness.Case(lambda: models.ours.rotary.tables(batch.positions, torch.float32)),
+        "ours KV gather, all layers (pool[slots])": harness.Case(
+            lambda: gather_all_layers(pool.kv, slots, False)
+        ),
+        "same gather via index_select (comparison)": harness.Case(
+            lambda: gather_all_layers(pool.kv, slots, True)
+        ),
     }
-    warm_up(cases, 3)
-    return {name: t.median_ms for name, t in time_interleaved(cases, repeats).items()}
+    harness.warm_up(cases, 3)
+    return {name: t.median_ms for name, t in harness.time_interleaved(cases, repeats).items()}
 
 
-def op_profile(case: Case) -> dict[str, float]:
+def op_profile(case: harness.Case) -> dict[str, float]:
     """Self CPU ms per op role per call, over ``PROFILED_CALLS`` calls."""
-    warm_up({"x": case}, 3)
+    harness.warm_up({"x": case}, 3)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(PROFILED_CALLS):
             case.run()
@@ -127,7 +131,7 @@ def op_profile(case: Case) -> dict[str, float]:
     return dict(roles)
 
 
-def top_ops(case: Case, rows: int) -> str:
+def top_ops(case: harness.Case, rows: int) -> str:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(PROFILED_CALLS):
             case.run()
@@ -137,47 +141,56 @@ def top_ops(case: Case, rows: int) -> str:
     )
 
 
-def role_table(ours: dict[str, float], hf: dict[str, float]) -> list[str]:
-    lines = ["| role | ours ms/call | HF ms/call |", "| --- | ---: | ---: |"]
-    for role in sorted(set(ours) | set(hf), key=lambda r: -max(ours.get(r, 0.0), hf.get(r, 0.0))):
-        lines.append(f"| {role} | {ours.get(role, 0.0):.3f} | {hf.get(role, 0.0):.3f} |")
-    lines.append(f"| **sum of op self time** | {sum(ours.values()):.3f} | {sum(hf.values()):.3f} |")
-    return lines
-
-
-def report(
-    models: Models, pool: PrefixPool, sc: Scenario, repeats: int, detail: Callable[[Case, int], str]
-) -> str:
-    book = bookkeeping_ms(models, pool, sc, repeats)
-    ours_roles = op_profile(sc.ours)
-    hf_roles = op_profile(sc.hf)
-    lines = [f"## {sc.name}, {PREFIX_LEN} cached tokens each", ""]
-    lines += ["| measured alone (median) | ms |", "| --- | ---: |"]
-    lines += [f"| {name} | {ms:.3f} |" for name, ms in book.items()]
-    lines += ["", f"Profiler, self CPU time per call grouped by op role ({PROFILED_CALLS} calls):", ""]
-    lines += [PROFILER_CAVEAT, ""]
-    lines += role_table(ours_roles, hf_roles)
-    lines += ["", "Top ops, ours:", "```", detail(sc.ours, 14), "```"]
-    lines += ["", "Top ops, transformers:", "```", detail(sc.hf, 14), "```", ""]
-    return "\n".join(lines)
+def measure(models: Models, pool: PrefixPool, sc: Scenario, repeats: int) -> dict[str, Any]:
+    return {
+        "name": sc.name,
+        "measured_alone_ms": bookkeeping_ms(models, pool, sc, repeats),
+        "op_roles_ms": {"ours": op_profile(sc.ours), "hf": op_profile(sc.hf)},
+        "top_ops": {"ours": top_ops(sc.ours, 14), "hf": top_ops(sc.hf, 14)},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args(argv)
+    args = harness.parser(__doc__, repeats=20).parse_args(argv)
     torch.set_num_threads(THREADS)
     gen = torch.Generator().manual_seed(0)
+    machine = harness.machine_info()
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         models = build_models(Path(tmp))
         pool = PrefixPool(models.ours, pool_blocks(), 0)
-        text = "# Forward profile\n\n" + "\n".join(
-            report(models, pool, scenario(models, pool, b, gen), args.repeats, top_ops) for b in (1, 16)
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "forward_profile.md").write_text(text)
-    print(text)
+        scenarios = [measure(models, pool, scenario(models, pool, b, gen), args.repeats) for b in (1, 16)]
+    result = {
+        "benchmark": "forward_profile",
+        "repeats": args.repeats,
+        "profiled_calls": PROFILED_CALLS,
+        "machine": machine,
+        "scenarios": scenarios,
+    }
+    rendered = report(result)
+    harness.write_report(args.out / "forward_profile", result, rendered)
+    print(rendered.markdown())
+
+
+def report(result: dict[str, Any]) -> harness.Report:
+    blocks: list[str | harness.Table] = ["# Forward profile"]
+    for sc in result["scenarios"]:
+        ours, hf = sc["op_roles_ms"]["ours"], sc["op_roles_ms"]["hf"]
+        roles = sorted(set(ours) | set(hf), key=lambda r: -max(ours.get(r, 0.0), hf.get(r, 0.0)))
+        rows = [[role, f"{ours.get(role, 0.0):.3f}", f"{hf.get(role, 0.0):.3f}"] for role in roles]
+        rows.append(["**sum of op self time**", f"{sum(ours.values()):.3f}", f"{sum(hf.values()):.3f}"])
+        blocks += [
+            f"## {sc['name']}, {PREFIX_LEN} cached tokens each",
+            harness.Table(
+                ["measured alone (median)", "ms"],
+                [[name, f"{ms:.3f}"] for name, ms in sc["measured_alone_ms"].items()],
+            ),
+            f"Profiler, self CPU time per call grouped by op role ({result['profiled_calls']} calls):",
+            PROFILER_CAVEAT,
+            harness.Table(["role", "ours ms/call", "HF ms/call"], rows),
+            f"Top ops, ours:\n```\n{sc['top_ops']['ours']}\n```",
+            f"Top ops, transformers:\n```\n{sc['top_ops']['hf']}\n```",
+        ]
+    return harness.Report(blocks)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ cores the client's own work is part of what is measured, so read the settings ag
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -26,13 +25,12 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import machine_info
+from benchmarks import harness
 from loadtest.summary import stats_rows
 from serve.local_redis import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = "sk-demo-alice,sk-demo-bob,sk-demo-carol,sk-demo-dave"
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "spec": {},  # the drafter inside the engine replica
     "spec_drafter_pool": {"drafter_pool": {"num_cpus": 0.5}},  # the drafter as its own deployment
     "no_spec": {"drafter": None, "policy": "none"},
@@ -40,12 +38,14 @@ SETTINGS = {
 
 
 def start_service(overrides: dict[str, Any], port: int) -> subprocess.Popen[str]:
-    config = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    config = yaml.safe_load((harness.ROOT / "deploy" / "local.yaml").read_text())
     config["applications"][0]["args"].update(overrides)
     path = Path(tempfile.mkdtemp()) / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "serve.cli", "serve", "--config", str(path), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=harness.ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         if "is up" in line:
@@ -60,7 +60,7 @@ def run_level(url: str, users: int, seconds: int, out: Path) -> dict[str, Any]:
         sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-H", url,
         "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--csv", str(prefix), "--only-summary",
     ]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, check=True, timeout=seconds + 120)
+    subprocess.run(cmd, cwd=harness.ROOT, env=env, capture_output=True, check=True, timeout=seconds + 120)
     rows = {r["Name"]: r for r in stats_rows(str(prefix))}
     requests = sum(int(rows[n]["Request Count"]) for n in rows if n.startswith("chat:"))
     failures = sum(int(rows[n]["Failure Count"]) for n in rows if n.startswith("chat:"))
@@ -84,70 +84,67 @@ def run_level(url: str, users: int, seconds: int, out: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=int, default=30)
-    parser.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    p = harness.parser(__doc__)
+    p.add_argument("--seconds", type=int, default=30)
+    p.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
+    args = p.parse_args()
     work = Path(tempfile.mkdtemp())
-    report: dict[str, Any] = {"benchmark": "http_load", "seconds": args.seconds, "machine": machine_info()}
+    result: dict[str, Any] = {
+        "benchmark": "http_load",
+        "seconds": args.seconds,
+        "machine": harness.machine_info(),
+    }
     for name, overrides in SETTINGS.items():
         port = free_port()
         proc = start_service(overrides, port)
         try:
             time.sleep(2)
-            report[name] = []
+            result[name] = []
             for users in args.levels:
                 row = run_level(f"http://127.0.0.1:{port}", users, args.seconds, work)
                 print(name, json.dumps(row))
-                report[name].append(row)
+                result[name].append(row)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=120)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "http_load.json").write_text(json.dumps(report, indent=1))
-    write_markdown_and_plot(report, args.out / "http_load")
+    harness.write_report(args.out / "http_load", result, report(result))
 
 
-def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = [
+def report(result: dict[str, Any]) -> harness.Report:
+    intro = (
         "Through HTTP (Ray Serve, tiny models, the 4 demo users' keys), Locust, "
-        f"{report['seconds']} s per level.",
-        "",
-        "| setting | users | req/s | output tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | e2e p50/p99 ms "
-        "| τ | failures |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name in SETTINGS:
-        for r in report[name]:
-            tau = f"{r['tau_mean']:.2f}" if r["tau_mean"] else "-"
-            lines.append(
-                f"| {name} | {r['users']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
-                f"{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} | "
-                f"{r['tpot_p50_ms']:.0f}/{r['tpot_p99_ms']:.0f} | "
-                f"{r['e2e_p50_ms']:.0f}/{r['e2e_p99_ms']:.0f} | {tau} | {r['failures']} |"
+        f"{result['seconds']} s per level."
+    )
+    columns: dict[str, harness.Cell] = {
+        "setting": "{name}",
+        "users": "{users}",
+        "req/s": "{requests_per_s:.2f}",
+        "output tok/s": "{output_tokens_per_s:.0f}",
+        "TTFT p50/p99 ms": "{ttft_p50_ms:.0f}/{ttft_p99_ms:.0f}",
+        "TPOT p50/p99 ms": "{tpot_p50_ms:.0f}/{tpot_p99_ms:.0f}",
+        "e2e p50/p99 ms": "{e2e_p50_ms:.0f}/{e2e_p99_ms:.0f}",
+        "τ": lambda _, r: f"{r['tau_mean']:.2f}" if r["tau_mean"] else "-",
+        "failures": "{failures}",
+    }
+    table = harness.Table.of(((name, r) for name in SETTINGS for r in result[name]), columns)
+
+    def series(key: str, label: str = "{}", style: str = "o-") -> list[harness.Series]:
+        return [
+            harness.Series(
+                label.format(name), [r["users"] for r in result[name]], [r[key] for r in result[name]], style
             )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for name in SETTINGS:
-        users = [r["users"] for r in report[name]]
-        axes[0].plot(users, [r["output_tokens_per_s"] for r in report[name]], "o-", label=name)
-        axes[1].plot(users, [r["ttft_p50_ms"] for r in report[name]], "o-", label=f"{name} p50")
-        axes[1].plot(users, [r["ttft_p99_ms"] for r in report[name]], "x--", label=f"{name} p99")
-        axes[2].plot(users, [r["tpot_p50_ms"] for r in report[name]], "o-", label=f"{name} p50")
-    for ax, title in zip(axes, ("output tokens/s", "TTFT ms", "TPOT ms"), strict=True):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent users")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+            for name in SETTINGS
+        ]
+
+    ttft = series("ttft_p50_ms", "{} p50") + series("ttft_p99_ms", "{} p99", "x--")
+    panels = [
+        harness.Panel(
+            "output tokens/s", "concurrent users", "", series("output_tokens_per_s"), xscale="log2"
+        ),
+        harness.Panel("TTFT ms", "concurrent users", "", ttft, xscale="log2"),
+        harness.Panel("TPOT ms", "concurrent users", "", series("tpot_p50_ms", "{} p50"), xscale="log2"),
+    ]
+    return harness.Report([intro, table], harness.Plot(panels, panel_size=(4.3, 3.6)))
 
 
 if __name__ == "__main__":

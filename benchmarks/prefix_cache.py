@@ -26,27 +26,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import machine_info
+from benchmarks import harness
 from core.prompt import Prompt
 from core.sampling import SamplingParams
 from kvcache import kv_codec
 from models.tiny.personas import DEMO_USERS
 from models.tiny.samples import EVAL_SEED_START, make_sample
-from serve.chat import chat_prompt
 from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
 from serve.local_redis import start_redis
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-RESULTS = Path(__file__).resolve().parent / "results"
+SEED_OFFSET = 3000  # this benchmark's scenes
 CASES = ("miss", "same prompt, local hit", "same prompt, Redis hit", "new question, local hit",
          "new question, Redis hit")  # fmt: skip
 # LLaVA-1.5-7B's language model (Llama-2-7B): 32 layers, 32 KV heads of 128, fp16 KV, ~6.7e9
@@ -79,46 +75,38 @@ def first_token_ms(built: BuiltEngine, prompt: Prompt) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--samples", type=int, default=24, help="fresh scenes (one tenant each)")
-    parser.add_argument("--policy", default="load_aware", help="draft policy of both replicas")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    p = harness.parser(__doc__)
+    p.add_argument("--samples", type=int, default=24, help="fresh scenes (one tenant each)")
+    p.add_argument("--policy", default="load_aware", help="draft policy of both replicas")
+    args = p.parse_args()
     torch.set_num_threads(2)
     redis = start_redis()
     try:
-        report = run(args, redis.url)
+        result = run(args, redis.url)
     finally:
         redis.stop()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "prefix_cache"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    write_markdown_and_plot(report, stem)
-    print(stem.with_suffix(".md").read_text())
+    rendered = report(result)
+    harness.write_report(args.out / "prefix_cache", result, rendered)
+    print(rendered.markdown())
 
 
 def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     options = EngineOptions(policy=args.policy, redis_url=redis_url)
-    a, b, c = (
-        build_engine(CHECKPOINTS / "tiny-target", CHECKPOINTS / "tiny-drafter", options) for _ in "abc"
-    )
+    a, b, c = (build_engine(harness.TARGET, harness.DRAFTER, options) for _ in "abc")
     processor = a.processor
-    warm = make_sample(EVAL_SEED_START + 2999)
+    [warm] = harness.eval_samples(SEED_OFFSET - 1, 1)
     for built in (a, b, c):  # first-call overheads out of the way
-        first_token_ms(built, chat_prompt(processor, warm.question.text, [warm.image()], warm.system))
+        first_token_ms(built, harness.prompt_of(processor, warm))
     ms: dict[str, list[float]] = {case: [] for case in CASES}
     cached: dict[str, list[int]] = {case: [] for case in CASES}
     prompt_tokens: list[int] = []
     for i in tqdm(range(args.samples), desc="scenes", unit="scene"):
-        seed, persona = EVAL_SEED_START + 3000 + i, DEMO_USERS[i % len(DEMO_USERS)]
+        seed, persona = EVAL_SEED_START + SEED_OFFSET + i, DEMO_USERS[i % len(DEMO_USERS)]
         q0, q1, q2 = distinct_questions(seed, persona)
         tenant = f"bench-{i}"
 
         def prompt(s: Any) -> Prompt:
-            p = chat_prompt(processor, s.question.text, [s.image()], s.system)
-            return dataclasses.replace(p, tenant=tenant)  # noqa: B023 (used at once)
+            return dataclasses.replace(harness.prompt_of(processor, s), tenant=tenant)  # noqa: B023 (used at once)
 
         steps = [
             (CASES[0], a, q0),
@@ -164,7 +152,7 @@ def summarize(
     llava_bytes = 2 * l7["layers"] * l7["kv_heads"] * l7["head_dim"] * l7["bytes_per_value"]
     llava_ms = recompute_ms_per_token * l7["params"] / tiny_params  # same CPU, FLOPs-scaled
     return {
-        "machine": machine_info(),
+        "machine": harness.machine_info(),
         "policy": args.policy,
         "samples": args.samples,
         "prompt_tokens_median": statistics.median(prompt_tokens),
@@ -196,67 +184,80 @@ def summarize(
     }
 
 
-def write_markdown_and_plot(report: dict[str, Any], stem: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ttft, cached, per_token = report["ttft_ms"], report["cached_tokens"], report["recompute_ms_per_token"]
-    tiny_value = report["bytes_per_token"]["tiny_redis_value"]
-    rows = [
-        f"| {case} | {ttft[case]['median']:.1f} | {report['ratio_to_miss'][case]:.2f} | "
-        f"{cached[case]['median']:.0f} |"
+def report(result: dict[str, Any]) -> harness.Report:
+    ttft, cached, per_token = result["ttft_ms"], result["cached_tokens"], result["recompute_ms_per_token"]
+    tiny_value, llava = (
+        result["bytes_per_token"]["tiny_redis_value"],
+        result["llava_7b"]["kv_bytes_per_token"],
+    )
+    bw, redis = result["breakeven_bandwidth_MB_s"], result["redis"]
+    intro = (
+        f"TTFT, {result['samples']} fresh scenes (one tenant each), policy `{result['policy']}`, prompt "
+        f"{result['prompt_tokens_median']:.0f} tokens (median), block size {result['block_size']}:"
+    )
+    by_case = [
+        (
+            case,
+            {
+                "ttft": ttft[case]["median"],
+                "ratio": result["ratio_to_miss"][case],
+                "cached": cached[case]["median"],
+            },
+        )
         for case in CASES
     ]
-    bw = report["breakeven_bandwidth_MB_s"]
-    md = [
-        f"TTFT, {report['samples']} fresh scenes (one tenant each), policy `{report['policy']}`, prompt "
-        f"{report['prompt_tokens_median']:.0f} tokens (median), block size {report['block_size']}:",
-        "",
-        "| prefix | TTFT median (ms) | vs miss | cached tokens |",
-        "| --- | ---: | ---: | ---: |",
-        *rows,
-        "",
-        f"Redis: fetch {report['redis']['fetch_ms_median']:.2f} ms, fetch-to-pool "
-        f"{report['redis']['load_ms_median']:.2f} ms (medians), {report['redis']['errors']} errors.",
-        f"Bytes per cached token: {report['bytes_per_token']['tiny_in_pool']} in the pool, "
-        f"{tiny_value:.0f} as Redis values; LLaVA-1.5-7B (fp16, 32 layers x 32 KV heads x 128): "
-        f"{report['llava_7b']['kv_bytes_per_token']}.",
+    columns = {
+        "prefix": "{name}",
+        "TTFT median (ms)": "{ttft:.1f}",
+        "vs miss": "{ratio:.2f}",
+        "cached tokens": "{cached:.0f}",
+    }
+    table = harness.Table.of(by_case, columns)
+    notes = [
+        f"Redis: fetch {redis['fetch_ms_median']:.2f} ms, fetch-to-pool "
+        f"{redis['load_ms_median']:.2f} ms (medians), {redis['errors']} errors.",
+        f"Bytes per cached token: {result['bytes_per_token']['tiny_in_pool']} in the pool, "
+        f"{tiny_value:.0f} as Redis values; LLaVA-1.5-7B (fp16, 32 layers x 32 KV heads x 128): {llava}.",
         f"Recompute cost per cached token (miss - same-prompt local hit): "
         f"{per_token['tiny_measured']:.3f} ms "
         f"(tiny); LLaVA-7B on this CPU, scaled by FLOPs: {per_token['llava_7b_flops_scaled']:.1f} ms.",
         f"Loading beats recomputing above {bw['tiny']:.0f} MB/s for the tiny target and above "
         f"{bw['llava_7b_on_this_cpu']:.1f} MB/s for LLaVA-7B on this CPU.",
     ]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for i, case in enumerate(CASES):
-        values = ttft[case]["samples"]
-        left.boxplot(values, positions=[i], widths=0.5)
-    left.set_xticks(range(len(CASES)), [c.replace(", ", "\n") for c in CASES], fontsize=8)
-    left.set_ylabel("time to first token (ms)")
-    left.set_title("TTFT by where the prefix KV comes from")
+    boxes = [
+        harness.Series(case.replace(", ", "\n"), [i], ttft[case]["samples"]) for i, case in enumerate(CASES)
+    ]
     bandwidth = [10 ** (k / 10) for k in range(0, 51)]  # 1 MB/s .. 100 GB/s
-    tokens = report["cached_tokens"][CASES[1]]["median"]
-    right.loglog(bandwidth, [tiny_value * tokens / (w * 1e3) for w in bandwidth], label="tiny: load prefix")
-    right.axhline(per_token["tiny_measured"] * tokens, linestyle="--", label="tiny: recompute prefix")
-    llava = report["llava_7b"]["kv_bytes_per_token"]
-    right.loglog(
-        bandwidth, [llava * tokens / (w * 1e3) for w in bandwidth], color="C1", label="LLaVA-7B: load"
-    )
-    right.axhline(
-        per_token["llava_7b_flops_scaled"] * tokens,
-        color="C1",
-        linestyle="--",
-        label="LLaVA-7B: recompute (this CPU)",
-    )
-    right.set_xlabel("link bandwidth (MB/s)")
-    right.set_ylabel(f"ms for a {tokens:.0f}-token prefix")
-    right.set_title("load vs recompute")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    tokens = cached[CASES[1]]["median"]
+
+    def line(label: str, ms: list[float], style: str, color: str) -> harness.Series:
+        return harness.Series(label, bandwidth, ms, style, color)
+
+    lines = [
+        line("tiny: load prefix", [tiny_value * tokens / (w * 1e3) for w in bandwidth], "-", "C0"),
+        line("tiny: recompute prefix", [per_token["tiny_measured"] * tokens] * len(bandwidth), "--", "C0"),
+        line("LLaVA-7B: load", [llava * tokens / (w * 1e3) for w in bandwidth], "-", "C1"),
+        line(
+            "LLaVA-7B: recompute (this CPU)",
+            [per_token["llava_7b_flops_scaled"] * tokens] * len(bandwidth),
+            "--",
+            "C1",
+        ),
+    ]
+    panels = [
+        harness.Panel(
+            "TTFT by where the prefix KV comes from", "", "time to first token (ms)", boxes, kind="box"
+        ),
+        harness.Panel(
+            "load vs recompute",
+            "link bandwidth (MB/s)",
+            f"ms for a {tokens:.0f}-token prefix",
+            lines,
+            xscale="log",
+            yscale="log",
+        ),
+    ]
+    return harness.Report([intro, table, "\n".join(notes)], harness.Plot(panels, panel_size=(6.5, 4.5)))
 
 
 if __name__ == "__main__":

@@ -21,26 +21,18 @@ drafter adapter (merged into the assistant for transformers, which takes one ass
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import Case, machine_info, time_interleaved
+from benchmarks import harness
+from benchmarks.engine_loops import answer_each
 from core.sampling import SamplingParams
 from drafter_pool.tree_search import TreeShape
 from models.device import resolve_device
-from models.tiny.samples import EVAL_SEED_START, make_sample
-from serve.chat import chat_prompt
 from serve.engine_builder import EngineOptions, build_engine
-
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-TARGET, DRAFTER = CHECKPOINTS / "tiny-target", CHECKPOINTS / "tiny-drafter"
-LONG_USER = "bob"  # detailed answers; his adapter ships in checkpoints/adapters/bob
 
 
 @dataclass
@@ -49,40 +41,35 @@ class Outcome:
     tau: float | None = None  # tokens per verify step, over all prompts
 
 
-def ours(
-    options: EngineOptions, spec: bool, adapter: str | None = None
-) -> Callable[[list[Any], SamplingParams], Outcome]:
+Runner = Callable[[list[Any], SamplingParams], Outcome]
+
+
+def ours(options: EngineOptions, spec: bool, adapter: str | None = None) -> Runner:
     if adapter is not None:
-        options = replace(options, adapters=((adapter, CHECKPOINTS / "adapters" / adapter),))
-    built = build_engine(TARGET, DRAFTER if spec else None, options)
+        options = replace(options, adapters=((adapter, harness.ADAPTERS / adapter),))
+    built = build_engine(harness.TARGET, harness.DRAFTER if spec else None, options)
 
     def run(samples: list[Any], params: SamplingParams) -> Outcome:
-        tokens, steps = [], 0
-        for s in samples:
-            prompt = chat_prompt(built.processor, s.question.text, [s.image()], s.system)
-            [out] = built.engine.generate([prompt], params, adapter=adapter)
-            tokens.append(list(out.token_ids))
-            steps += out.stats.verify_steps
-        return Outcome(tokens, sum(len(t) for t in tokens) / steps)
+        prompts = [harness.prompt_of(built.processor, s) for s in samples]
+        answers = answer_each(built.engine, prompts, params, adapter)
+        return Outcome([list(o) for o in answers.outputs], answers.tau)
 
     return run
 
 
-def transformers_runner(
-    assisted: bool, adapter: str | None = None, device: str = "cpu"
-) -> Callable[[list[Any], SamplingParams], Outcome]:
+def transformers_runner(assisted: bool, adapter: str | None = None, device: str = "cpu") -> Runner:
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
     load = AutoModelForImageTextToText.from_pretrained
-    target = load(TARGET, local_files_only=True, dtype=torch.float32).eval().to(device)
-    assistant = load(DRAFTER, local_files_only=True, dtype=torch.float32).eval() if assisted else None
+    target = load(harness.TARGET, local_files_only=True, dtype=torch.float32).eval().to(device)
+    assistant = load(harness.DRAFTER, local_files_only=True, dtype=torch.float32).eval() if assisted else None
     if assistant is not None and adapter is not None:
         from peft import PeftModel
 
-        assistant = PeftModel.from_pretrained(assistant, CHECKPOINTS / "adapters" / adapter)
+        assistant = PeftModel.from_pretrained(assistant, harness.ADAPTERS / adapter)
         assistant = assistant.merge_and_unload().eval()
     assistant = None if assistant is None else assistant.to(device)
-    processor = AutoProcessor.from_pretrained(TARGET, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(harness.TARGET, local_files_only=True)
 
     @torch.inference_mode()
     def run(samples: list[Any], params: SamplingParams) -> Outcome:
@@ -105,15 +92,17 @@ def transformers_runner(
     return run
 
 
-def contenders(base: EngineOptions, mode: str) -> dict[str, Callable[[list[Any], SamplingParams], Outcome]]:
+def contenders(base: EngineOptions, mode: str) -> dict[str, Runner]:
     if mode == "long":
         return {
             "ours_spec": ours(base, spec=True),
-            "ours_spec_adapter": ours(base, spec=True, adapter=LONG_USER),
+            "ours_spec_adapter": ours(base, spec=True, adapter=harness.LONG_USER),
             "ours_no_spec": ours(base, spec=False),
             "hf_generate": transformers_runner(assisted=False, device=base.device),
             "hf_assisted": transformers_runner(assisted=True, device=base.device),
-            "hf_assisted_adapter": transformers_runner(assisted=True, adapter=LONG_USER, device=base.device),
+            "hf_assisted_adapter": transformers_runner(
+                assisted=True, adapter=harness.LONG_USER, device=base.device
+            ),
         }
     return {
         "ours_spec": ours(base, spec=True),
@@ -128,78 +117,95 @@ def contenders(base: EngineOptions, mode: str) -> dict[str, Callable[[list[Any],
     }
 
 
-def prompts(mode: str, n: int) -> list[Any]:
-    """Mixed question kinds in the default style; for ``long``, bob describing 4-5 shapes."""
-    if mode != "long":
-        return [make_sample(EVAL_SEED_START + 500 + i) for i in range(n)]
-    seeds = (EVAL_SEED_START + 500 + i for i in range(100_000))
-    scenes = (make_sample(seed, LONG_USER, kind="describe") for seed in seeds)
-    return [s for _, s in zip(range(n), (s for s in scenes if len(s.scene.objects) >= 4), strict=False)]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--mode", choices=("natural", "forced", "long"), default="forced")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", help="run only these contenders")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--device", default="cpu", help="where all contenders run: cpu, cuda or cuda:N")
-    args = parser.parse_args()
-    samples = prompts(args.mode, args.prompts)
+    p = harness.parser(__doc__, repeats=3, device=True)
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--mode", choices=("natural", "forced", "long"), default="forced")
+    p.add_argument("--only", nargs="*", help="run only these contenders")
+    args = p.parse_args()
+    samples = harness.single_user_samples(args.mode, args.prompts)
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.mode == "forced")
     # prefix cache off: every pass recomputes its prompts, as transformers' generate does
     device = str(resolve_device(args.device))
     runners = contenders(EngineOptions(tree=TreeShape(), prefix_cache=False, device=device), args.mode)
     runners = {k: v for k, v in runners.items() if not args.only or k in args.only}
-    results: dict[str, Outcome] = {}
+    outcomes: dict[str, Outcome] = {}
 
-    def case(name: str) -> Case:
-        return Case(run=lambda: results.__setitem__(name, runners[name](samples, params)))
+    def case(name: str) -> harness.Case:
+        return harness.Case(run=lambda: outcomes.__setitem__(name, runners[name](samples, params)))
 
-    timings = time_interleaved({name: case(name) for name in runners}, args.repeats)
-    reference = results.get("hf_generate") or next(iter(results.values()))
-    report = summarize(args, timings, results, reference)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"spec_decode_{args.mode}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    from benchmarks.spec_decode_report import write_report
-
-    write_report(report, stem)
-    print(json.dumps(report["headlines"], indent=1))
-
-
-def summarize(
-    args: argparse.Namespace, timings: dict[str, Any], results: dict[str, Outcome], ref: Outcome
-) -> dict[str, Any]:
-    total = {name: sum(len(t) for t in out.tokens) for name, out in results.items()}
-    rows = {}
-    for name, timing in timings.items():
-        rows[name] = {
-            **timing.as_dict(total[name]),
-            "tau": results[name].tau,
-            "same_tokens_as_reference": results[name].tokens == ref.tokens,
+    timings = harness.time_interleaved({name: case(name) for name in runners}, args.repeats)
+    reference = outcomes.get("hf_generate") or next(iter(outcomes.values()))
+    rows = {
+        name: {
+            **timing.as_dict(sum(len(t) for t in outcomes[name].tokens)),
+            "tau": outcomes[name].tau,
+            "same_tokens_as_reference": outcomes[name].tokens == reference.tokens,
         }
-    speed = {name: row["tokens_per_s"] for name, row in rows.items()}
-    heads = {}
-    for ours_name in ("ours_spec", "ours_spec_adapter"):
-        if ours_name in speed:
-            for other in ("ours_no_spec", "hf_generate", "hf_assisted", "hf_assisted_adapter"):
-                if other in speed:
-                    heads[f"{ours_name}_over_{other}"] = round(speed[ours_name] / speed[other], 3)
-            heads[f"tau_{ours_name}"] = round(rows[ours_name]["tau"], 3)
-    return {
+        for name, timing in timings.items()
+    }
+    result = {
         "benchmark": "spec_decode",
         "mode": args.mode,
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
-        "mean_output_tokens": sum(len(t) for t in ref.tokens) / len(ref.tokens),
+        "mean_output_tokens": sum(len(t) for t in reference.tokens) / len(reference.tokens),
         "repeats": args.repeats,
-        "machine": machine_info(resolve_device(args.device)),
-        "headlines": heads,
+        "machine": harness.machine_info(device),
+        "headlines": headlines(rows),
         "contenders": rows,
     }
+    harness.write_report(args.out / f"spec_decode_{args.mode}", result, report(result))
+    print(result["headlines"])
+
+
+def headlines(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Ours with speculation over each baseline, and its tau."""
+    heads = {}
+    for mine in ("ours_spec", "ours_spec_adapter"):
+        if mine in rows:
+            for other in ("ours_no_spec", "hf_generate", "hf_assisted", "hf_assisted_adapter"):
+                if other in rows:
+                    heads[f"{mine}_over_{other}"] = round(
+                        rows[mine]["tokens_per_s"] / rows[other]["tokens_per_s"], 3
+                    )
+            heads[f"tau_{mine}"] = round(rows[mine]["tau"], 3)
+    return heads
+
+
+def report(result: dict[str, Any]) -> harness.Report:
+    rows = result["contenders"]
+    base = rows.get("ours_no_spec", {}).get("tokens_per_s")
+    intro = (
+        f"Single user, greedy, {result['prompts']} ShapesWorld prompts, mode `{result['mode']}` "
+        f"(max {result['max_tokens']} new tokens, {result.get('mean_output_tokens', 0):.1f} on average), "
+        f"median of {result['repeats']} interleaved repeats."
+    )
+    columns: dict[str, harness.Cell] = {
+        "contender": "{name}",
+        "tokens/s": "{tokens_per_s:.1f}",
+        "vs ours no-spec": lambda _, row: f"{row['tokens_per_s'] / base:.2f}x" if base else "-",
+        "tau": lambda _, row: f"{row['tau']:.2f}" if row.get("tau") else "-",
+        "same tokens": lambda _, row: "yes" if row["same_tokens_as_reference"] else "NO",
+    }
+    table = harness.Table.of(rows.items(), columns, align="lrrrc")
+    names = list(rows)
+    bars = harness.Series(
+        "tokens/s",
+        names,
+        [rows[n]["tokens_per_s"] for n in names],
+        color="#4477aa",
+        texts=[f"tau {rows[n]['tau']:.2f}" if rows[n].get("tau") else "" for n in names],
+    )
+    panel = harness.Panel(
+        f"Speculative decoding on the tiny models ({result['mode']} mode)",
+        "tokens/s (single user, greedy)",
+        "",
+        [bars],
+        kind="barh",
+    )
+    return harness.Report([intro, table], harness.Plot([panel], panel_size=(9, 4)))
 
 
 if __name__ == "__main__":

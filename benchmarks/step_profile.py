@@ -13,32 +13,24 @@ the speedup: ``total_no_spec / first_part_spec`` if every later step were free.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import machine_info
+from benchmarks import harness
 from core.sampling import SamplingParams
-from models.tiny.samples import EVAL_SEED_START, make_sample
-from serve.chat import chat_prompt
 from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-TARGET = CHECKPOINTS / "tiny-target"
+SEED_OFFSET = 0  # this benchmark's scenes
 
 
 def profile_request(built: BuiltEngine, sample: Any, params: SamplingParams) -> dict[str, float]:
     """Milliseconds to encode the prompt, of the first step and of all later steps; tokens, steps."""
     engine = built.engine
     start = time.perf_counter()
-    engine.add_request(
-        chat_prompt(built.processor, sample.question.text, [sample.image()], sample.system), params
-    )
+    engine.add_request(harness.prompt_of(built.processor, sample), params)
     encoded = time.perf_counter()
     steps, first_ms, tokens = 0, 0.0, 0
     while engine.has_unfinished():
@@ -62,19 +54,17 @@ def profile_request(built: BuiltEngine, sample: Any, params: SamplingParams) -> 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
+    p = harness.parser(__doc__, repeats=3)
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args(argv)
     torch.set_num_threads(2)
     engines = {
         # prefix cache off: every pass recomputes its prompts
-        "spec": build_engine(TARGET, CHECKPOINTS / "tiny-drafter", EngineOptions(prefix_cache=False)),
-        "no_spec": build_engine(TARGET, None, EngineOptions(policy="none", prefix_cache=False)),
+        "spec": build_engine(harness.TARGET, harness.DRAFTER, EngineOptions(prefix_cache=False)),
+        "no_spec": build_engine(harness.TARGET, None, EngineOptions(policy="none", prefix_cache=False)),
     }
-    samples = [make_sample(EVAL_SEED_START + i) for i in range(args.prompts)]
+    samples = harness.eval_samples(SEED_OFFSET, args.prompts)
     params = SamplingParams(max_tokens=args.max_tokens)
     for built in engines.values():  # warm-up (and load_aware's first measurements)
         for s in samples[:3]:
@@ -87,12 +77,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs[name].append(profile_request(engines[name], s, params))
     rows = {name: summarize(rs, args.repeats) for name, rs in runs.items()}
     spec, plain = rows["spec"], rows["no_spec"]
-    report = {
+    result = {
         "benchmark": "step_profile",
         "prompts": args.prompts,
         "repeats": args.repeats,
         "max_tokens": args.max_tokens,
-        "machine": machine_info(),
+        "machine": harness.machine_info(),
         "engines": rows,
         "speedup": round(plain["total_ms"] / spec["total_ms"], 3),
         "first_part_share_spec": round(spec["first_part_ms"] / spec["total_ms"], 3),
@@ -102,11 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plain["total_ms"] / (plain["first_part_ms"] + spec["later_steps_ms"]), 3
         ),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_profile.json").write_text(json.dumps(report, indent=1))
-    (args.out / "step_profile.md").write_text(markdown(report))
-    print(markdown(report))
-    return report
+    rendered = report(result)
+    harness.write_report(args.out / "step_profile", result, rendered)
+    print(rendered.markdown())
+    return result
 
 
 def summarize(runs: list[dict[str, float]], repeats: int) -> dict[str, float]:
@@ -132,31 +121,31 @@ def summarize(runs: list[dict[str, float]], repeats: int) -> dict[str, float]:
     }
 
 
-def markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"Single user, greedy, {report['prompts']} ShapesWorld prompts (natural end of turn, at most "
-        f"{report['max_tokens']} tokens), sums over the prompts, median of {report['repeats']} passes.",
-        "",
-        "| engine | tokens | encode ms | first step ms | later steps ms (steps) | ms per later step "
-        "| total ms | tok/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, r in report["engines"].items():
-        lines.append(
-            f"| {name} | {r['tokens']:.0f} | {r['encode_ms']} | {r['first_step_ms']} | {r['later_steps_ms']} "
-            f"({r['later_steps']:.0f}) | {r['ms_per_later_step']} | {r['total_ms']} | {r['tokens_per_s']} |"
-        )
-    lines += [
-        "",
-        f"- speedup: **{report['speedup']}x**",
-        f"- share of the time in encoding + first step: {report['first_part_share_spec']:.0%} with "
-        f"speculation, {report['first_part_share_no_spec']:.0%} without",
-        f"- speedup bound if every later step were free: {report['speedup_bound_if_later_steps_were_free']}x",
+def report(result: dict[str, Any]) -> harness.Report:
+    intro = (
+        f"Single user, greedy, {result['prompts']} ShapesWorld prompts (natural end of turn, at most "
+        f"{result['max_tokens']} tokens), sums over the prompts, median of {result['repeats']} passes."
+    )
+    columns = {
+        "engine": "{name}",
+        "tokens": "{tokens:.0f}",
+        "encode ms": "{encode_ms}",
+        "first step ms": "{first_step_ms}",
+        "later steps ms (steps)": "{later_steps_ms} ({later_steps:.0f})",
+        "ms per later step": "{ms_per_later_step}",
+        "total ms": "{total_ms}",
+        "tok/s": "{tokens_per_s}",
+    }
+    table = harness.Table.of(result["engines"].items(), columns)
+    bullets = [
+        f"- speedup: **{result['speedup']}x**",
+        f"- share of the time in encoding + first step: {result['first_part_share_spec']:.0%} with "
+        f"speculation, {result['first_part_share_no_spec']:.0%} without",
+        f"- speedup bound if every later step were free: {result['speedup_bound_if_later_steps_were_free']}x",
         f"- speedup if the first step cost what it costs without the drafter: "
-        f"{report['speedup_if_first_step_cost_as_without_drafter']}x",
-        "",
+        f"{result['speedup_if_first_step_cost_as_without_drafter']}x",
     ]
-    return "\n".join(lines)
+    return harness.Report([intro, table, "\n".join(bullets)])
 
 
 if __name__ == "__main__":

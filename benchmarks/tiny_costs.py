@@ -11,25 +11,22 @@ interleaved, with repeats.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import Case, machine_info, time_interleaved, warm_up
+from benchmarks import harness
 from core.forward_batch import SequenceInput, pack
 from core.kv import PagedKVCache
 from models.loader import LoadedModel, load_model
 from models.tiny.samples import make_sample
 from models.vision import splice_images
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 BLOCK = 16
+GOAL = 8.0  # target decode step over drafter forward, at least
 
 
-def decode_case(model: LoadedModel) -> tuple[Case, int]:
+def decode_case(model: LoadedModel) -> tuple[harness.Case, int]:
     """A prefilled ShapesWorld prompt; the case runs one decode step (pack, forward, LM head)."""
     assert model.vision is not None and model.image_token_id is not None
     sample = make_sample(1_000_000_007, kind="describe")
@@ -46,38 +43,47 @@ def decode_case(model: LoadedModel) -> tuple[Case, int]:
     )
     decoder(pack([prompt], BLOCK), kv)
     step = SequenceInput(torch.tensor([11]), torch.tensor([n]), table, n)
-    return Case(run=lambda: decoder.logits(decoder(pack([step], BLOCK), kv)[-1:])), n
+    return harness.Case(run=lambda: decoder.logits(decoder(pack([step], BLOCK), kv)[-1:])), n
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
+    args = harness.parser(__doc__, repeats=50).parse_args(argv)
     torch.set_num_threads(2)
-    target, drafter = load_model(CHECKPOINTS / "tiny-target"), load_model(CHECKPOINTS / "tiny-drafter")
+    target, drafter = load_model(harness.TARGET), load_model(harness.DRAFTER)
     (t_case, t_ctx), (d_case, d_ctx) = decode_case(target), decode_case(drafter)
     cases = {"target": t_case, "drafter": d_case}
-    warm_up(cases, rounds=5)
-    timings = time_interleaved(cases, args.repeats)
+    harness.warm_up(cases, rounds=5)
+    timings = harness.time_interleaved(cases, args.repeats)
     ratio = timings["target"].median_ms / timings["drafter"].median_ms
     result = {
-        "machine": machine_info(),
+        "machine": harness.machine_info(),
         "target_context_tokens": t_ctx,
         "drafter_context_tokens": d_ctx,
         "target_decode_step": timings["target"].as_dict(tokens=1),
         "drafter_forward": timings["drafter"].as_dict(tokens=1),
         "target_over_drafter": round(ratio, 2),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tiny_costs.json").write_text(json.dumps(result, indent=1))
-    print(
-        f"target decode step {timings['target'].median_ms:.2f} ms ({t_ctx} context tokens), "
-        f"drafter forward {timings['drafter'].median_ms:.2f} ms ({d_ctx}): ratio {ratio:.2f}x (goal >= 8x)"
-    )
+    rendered = report(result)
+    harness.write_report(args.out / "tiny_costs", result, rendered)
+    print(rendered.markdown())
     return result
+
+
+def report(result: dict[str, Any]) -> harness.Report:
+    target, drafter = result["target_decode_step"], result["drafter_forward"]
+    steps = [
+        ("target decode step", {**target, "context": result["target_context_tokens"]}),
+        ("drafter forward", {**drafter, "context": result["drafter_context_tokens"]}),
+    ]
+    columns = {
+        "model layer call": "{name}",
+        "context tokens": "{context}",
+        "median ms": "{median_ms:.2f}",
+        "p25-p75 ms": "{p25_ms:.2f}-{p75_ms:.2f}",
+    }
+    table = harness.Table.of(steps, columns)
+    ratio = f"Target step / drafter forward: **{result['target_over_drafter']:.2f}x** (goal >= {GOAL:.0f}x)."
+    return harness.Report([f"Medians of {len(target['samples_ms'])} interleaved repeats.", table, ratio])
 
 
 if __name__ == "__main__":
