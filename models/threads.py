@@ -2,12 +2,12 @@
 
 PyTorch runs every CPU op on ``torch.get_num_threads()`` threads. A tiny drafter's ops (64-wide
 projections over a few rows, top-k over a 512-token vocabulary) are too small to split: on this
-machine's two cores a single user's speculative decoding ran 5-7 % faster with the drafter on
-one thread than on two (long answers with an adapter, the drafter's work alone changed, two
-side-by-side runs), though one isolated drafter forward times the same either way. So a model
-whose biggest weight is small runs on one thread (:func:`threads_for`); everything else keeps
-the process's setting. The setting is process-wide: it is changed only around work that runs
-alone (the engine's step loop runs the drafter and the target one after the other).
+machine's two cores a single user's speculative decoding runs 5-7 % faster with the drafter on
+one thread than on two (long answers with an adapter), though one isolated drafter forward
+times the same either way: the gain is in the loop over depth levels. So a model whose biggest
+weight is small runs on one thread (:func:`threads_for`); everything else keeps the process's
+setting. The setting is process-wide: it is changed only around work that runs alone (the
+engine's step loop runs the drafter and the target one after the other).
 """
 
 from __future__ import annotations

@@ -64,14 +64,14 @@ class Schedule:
     vision_steps: int = 600  # per-patch cell / shape / colour / size pretraining of a vision tower
     vision_batch: int = 48
     vision_lr: float = 2e-3
-    # VLM training of the target in phases, each a warm restart; 51 + 26 + 81 minutes here (the
-    # third shared the 2 cores with other work; bf16 steps measured 1.23 s alone, ~62 min)
+    # VLM training of the target in phases, each a warm restart; on 2 cores about 51, 26 and
+    # 62 minutes for the first three (bf16 steps take ~1.23 s)
     target_phases: tuple[TargetPhase, ...] = (
         TargetPhase(1500, 1.5e-3),
         TargetPhase(800, 6e-4),
         TargetPhase(3000, 5e-4, bf16=True),
-        # lookup by content (colour of the X, where is the X, is there an X): phases 4-8 as piloted
-        # in session 15, each step of the way measured (see models/tiny/lookup.py)
+        # lookup by content (colour of the X, where is the X, is there an X): one supervision
+        # term per link of the lookup (why each is needed: models/tiny/lookup.py)
         TargetPhase(500, 5e-4, bf16=True, lookup=LookupWeights()),
         TargetPhase(600, 3e-4, bf16=True, lookup=LookupWeights()),
         TargetPhase(500, 3e-4, bf16=True, lookup=LookupWeights(lens=1.0)),
