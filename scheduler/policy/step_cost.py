@@ -33,6 +33,7 @@ from scheduler.policy.base import BudgetKey, key_of
 MIN_MEASURED_STEPS = 4  # decode steps of a budget at a load before its own time counts
 CORRECTION_DECAY = 0.9  # per step of a budget at a load: corrections follow a drifting machine
 PREFILL_PRIOR_TOKENS = 128  # the drafter's prefill prior: its forward cost per token at this size
+VERIFY_PRIOR = (1.0, 0.0, 0.0)  # the target's curve as calibrated, nothing per request or node yet
 
 
 def load_bucket(num_sampling: int) -> int:
@@ -67,8 +68,8 @@ class StepCostModel:
             raise ValueError(f"decay must lie in (0, 1], got {decay}")
         self.curves, self.candidates = curves, candidates
         self.min_steps, self.decay = min_steps, decay
-        self.verify_fit = OnlineLinearFit(prior=(1.0, 0.0, 0.0))
-        self.draft_fit = OnlineLinearFit(prior=(curves.drafter(1), 0.0))
+        self.verify_fit = OnlineLinearFit(prior=VERIFY_PRIOR)
+        self.draft_fit = OnlineLinearFit(prior=(curves.drafter(1), 0.0))  # a level: one 1-token forward
         per_token = curves.drafter(PREFILL_PRIOR_TOKENS) / PREFILL_PRIOR_TOKENS
         self.prefill_fit = OnlineLinearFit(prior=(per_token,))
         self._measured: dict[tuple[int, BudgetKey], _Measured] = {}
