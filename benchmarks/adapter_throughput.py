@@ -117,13 +117,8 @@ def report(result: dict[str, Any]) -> harness.Report:
     table = harness.Table.of(cases.items(), columns)
     names = list(cases)
     bars = harness.Series("median", names, [cases[n]["tokens_per_s"] for n in names])
-    panel = harness.Panel(
-        "Mixed-adapter drafter forward, tiny drafter",
-        "",
-        "drafter tokens/s (median)",
-        [bars],
-        kind="bar",
-    )
+    title = "Mixed-adapter drafter forward, tiny drafter"
+    panel = harness.Panel(title, "", "drafter tokens/s (median)", [bars], kind="bar")
     return harness.Report([intro, table], harness.Plot([panel], panel_size=(5.5, 3.5)))
 
 

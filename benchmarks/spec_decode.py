@@ -198,13 +198,8 @@ def report(result: dict[str, Any]) -> harness.Report:
         color="#4477aa",
         texts=[f"tau {rows[n]['tau']:.2f}" if rows[n].get("tau") else "" for n in names],
     )
-    panel = harness.Panel(
-        f"Speculative decoding on the tiny models ({result['mode']} mode)",
-        "tokens/s (single user, greedy)",
-        "",
-        [bars],
-        kind="barh",
-    )
+    title = f"Speculative decoding on the tiny models ({result['mode']} mode)"
+    panel = harness.Panel(title, "tokens/s (single user, greedy)", "", [bars], kind="barh")
     return harness.Report([intro, table], harness.Plot([panel], panel_size=(9, 4)))
 
 
