@@ -129,7 +129,3 @@ class StepTiming:
 
     draft_ms: float  # the drafter's proposals (0 without trees)
     verify_ms: float  # everything else: scheduling, the target's forward, acceptance, bookkeeping
-
-    @property
-    def total_ms(self) -> float:
-        return self.draft_ms + self.verify_ms

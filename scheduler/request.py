@@ -47,7 +47,6 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)
     text: TextStream = field(default_factory=TextStream)
     blocks: SequenceBlocks | None = None
-    finish_reason: str | None = None
     verify_steps: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0

@@ -59,14 +59,14 @@ class RunningSet:
         req.preemptions += 1
         self.waiting.appendleft(req)
 
-    def finish(self, req: RequestState, reason: str) -> None:
+    def finish(self, req: RequestState) -> None:
         """End ``req`` (waiting or running): its KV freed, gone from the registry."""
         if req.status is Status.WAITING:
             self.waiting.remove(req)
         elif req.status is Status.RUNNING:
             self._release(req)
             self.running.remove(req)
-        req.status, req.finish_reason = Status.FINISHED, reason
+        req.status = Status.FINISHED
         self.requests.pop(req.request_id, None)
 
     def check_integrity(self) -> None:

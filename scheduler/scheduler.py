@@ -229,5 +229,5 @@ class Scheduler:
         )
 
     def _finish(self, req: RequestState, reason: str) -> Completion:
-        self.queue.finish(req, reason)
+        self.queue.finish(req)
         return self.output.completion(req, reason)

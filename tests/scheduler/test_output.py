@@ -25,15 +25,22 @@ def request(max_tokens: int = 100, stop: tuple[str, ...] = (), ignore_eos: bool 
     return req
 
 
-def stream(processor: OutputProcessor, req: RequestState, steps: Sequence[str | list[int]]) -> list[str]:
-    """Emit each step's tokens (a str is its UTF-8 bytes); the text deltas, up to the finish."""
+def stream(
+    processor: OutputProcessor,
+    req: RequestState,
+    steps: Sequence[str | list[int]],
+    finished: list[str] | None = None,
+) -> list[str]:
+    """Emit each step's tokens (a str is its UTF-8 bytes); the text deltas, up to the finish,
+    whose reason goes into ``finished``."""
     deltas = []
     for tokens in steps:
         ids = list(tokens.encode()) if isinstance(tokens, str) else tokens
         emission = processor.emit(req, ids)
         deltas.append(emission.text)
         if emission.finish_reason is not None:
-            req.finish_reason = emission.finish_reason
+            if finished is not None:
+                finished.append(emission.finish_reason)
             break
     return deltas
 
@@ -79,8 +86,9 @@ def test_an_end_of_turn_past_max_tokens_is_a_length_finish() -> None:
 
 def test_a_stop_string_ends_the_text_before_it() -> None:
     processor, req = OutputProcessor(byte_text), request(stop=("END",))
-    assert stream(processor, req, ["one ", "two END three"]) == ["one ", "two "]
-    assert req.finish_reason == "stop"
+    finished: list[str] = []
+    assert stream(processor, req, ["one ", "two END three"], finished) == ["one ", "two "]
+    assert finished == ["stop"]
     assert processor.completion(req, "stop").text == "one two "
 
 
@@ -98,8 +106,9 @@ def test_held_text_that_turns_out_not_to_be_a_stop_string_is_released() -> None:
 
 def test_held_text_is_released_when_the_request_ends_otherwise() -> None:
     processor, req = OutputProcessor(byte_text), request(max_tokens=4, stop=("STOP",))
-    assert stream(processor, req, ["ab", "ST"]) == ["ab", "ST"]
-    assert req.finish_reason == "length"
+    finished: list[str] = []
+    assert stream(processor, req, ["ab", "ST"], finished) == ["ab", "ST"]
+    assert finished == ["length"]
 
 
 def test_the_earliest_of_several_stop_strings_wins() -> None:
