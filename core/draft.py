@@ -54,8 +54,34 @@ class DraftProposal:
     draft_probs: torch.Tensor | None = None
     prefill_tokens: int = 0  # tokens the drafter encoded first because it held no KV for the request
     dropped: bool = False  # the drafter had no room: it holds no KV for the request now (empty tree)
+    bytes_up: int = 0  # its part of the draft call, serialized (0 when the drafter is in-process)
+    bytes_down: int = 0  # this proposal, serialized
 
     def __post_init__(self) -> None:
         rows = self.tree.num_nodes + 1
         if self.draft_probs is not None and self.draft_probs.shape[0] != rows:
             raise ValueError(f"draft_probs has {self.draft_probs.shape[0]} rows for {rows} tree rows")
+
+
+@dataclass(frozen=True)
+class Drafted:
+    """A draft call's answer: one proposal per request, in order, and what the call cost."""
+
+    proposals: tuple[DraftProposal, ...]
+    call_ms: float  # sent to answered
+    link_ms: float = 0.0  # of which on the link between engine and drafter (both ways)
+
+
+class DrafterUnavailable(RuntimeError):
+    """The drafter did not answer a draft call (gone, restarting, or too slow): decode plainly."""
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A :class:`core.protocols.PendingDraft` answered before it was handed back: a drafter in
+    the engine's process drafts in the caller's thread."""
+
+    drafted: Drafted
+
+    def result(self, timeout_s: float) -> Drafted:
+        return self.drafted

@@ -25,9 +25,12 @@ class StepLoad:
     prefill_tokens: int  # prompt (or recompute) tokens of the step
     drafter_kv_used: float = 0.0  # fraction of the drafter's KV pool in use (0 without a drafter)
     num_joining: int = 0  # requests still in prefill (running or admissible): they sample soon
+    # tokens the verifier forwards for other requests while this step's trees are drafted (the
+    # other group's step when drafting is pipelined; 0 in lockstep, where the verifier waits)
+    overlap_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_sampling < 0 or self.prefill_tokens < 0 or self.num_joining < 0:
+        if min(self.num_sampling, self.prefill_tokens, self.num_joining, self.overlap_tokens) < 0:
             raise ValueError(f"a step load counts tokens and requests, got {self}")
 
     @property
@@ -43,10 +46,26 @@ class StepPlan:
     load: StepLoad  # the load the step was planned at
     budget: DraftBudget = NO_DRAFT  # the policy's choice; each draft's own is cut to fit
     proposals: tuple[DraftProposal, ...] = ()  # the drafter's answers, once attached
+    drafter_failed: bool = False  # the drafter did not answer: planned trees were dropped
 
     @property
     def empty(self) -> bool:
         return not self.items
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the verifier forwards for this plan: items and their trees' nodes."""
+        return sum(len(i.token_ids) for i in self.items) + sum(d.budget.max_nodes for d in self.drafts)
+
+    def keep(self, request_ids: set[int]) -> StepPlan:
+        """This plan without the requests not in ``request_ids`` (aborted since it was made)."""
+        items = tuple(i for i in self.items if i.request_id in request_ids)
+        drafts = tuple(d for d in self.drafts if d.request_id in request_ids)
+        return dataclasses.replace(self, items=items, drafts=drafts)
+
+    def undrafted(self) -> StepPlan:
+        """This plan decoded plainly because the drafter did not answer."""
+        return dataclasses.replace(self, drafts=(), budget=NO_DRAFT, proposals=(), drafter_failed=True)
 
     def with_trees(self, proposals: Sequence[DraftProposal]) -> StepPlan:
         """This plan with each proposal's tree attached to its request's item."""
@@ -64,6 +83,8 @@ class RequestStats:
     accepted_tokens: int  # tree nodes accepted
     cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (local or Redis)
     preemptions: int = 0  # times its KV was freed for older requests (and recomputed)
+    link_bytes_up: int = 0  # its draft calls to a drafter pool, serialized (engine -> pool)
+    link_bytes_down: int = 0  # its trees back, serialized (pool -> engine)
 
     @property
     def tau(self) -> float:
@@ -116,6 +137,7 @@ class StepReport:
     tree_nodes: int  # of which draft-tree nodes
     drafter_prefill: int = 0  # tokens the drafter encoded for requests it held no KV for
     drafter_dropped: int = 0  # requests whose drafter KV was dropped (its pool was full)
+    drafter_failed: bool = False  # the drafter did not answer: the step decoded without trees
 
     @property
     def emitted_tokens(self) -> int:
@@ -125,7 +147,16 @@ class StepReport:
 
 @dataclass(frozen=True)
 class StepTiming:
-    """What a step cost, in milliseconds of wall time."""
+    """What a step cost, in milliseconds of wall time. The draft call took ``draft_ms +
+    hidden_ms``: in lockstep the step waits for all of it; pipelined, the verifier works on the
+    other group meanwhile and the step waits only for what that did not hide."""
 
-    draft_ms: float  # the drafter's proposals (0 without trees)
+    draft_ms: float  # the step waited for its trees (0 without trees)
     verify_ms: float  # everything else: scheduling, the target's forward, acceptance, bookkeeping
+    hidden_ms: float = 0.0  # of the draft call, the part the verifier spent on other work
+    link_ms: float = 0.0  # of the draft call, the time on the link to the drafter (both ways)
+
+    @property
+    def call_ms(self) -> float:
+        """The draft call, sent to trees back: link, queueing and the drafter's forwards."""
+        return self.draft_ms + self.hidden_ms

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from core.draft import DraftProposal, DraftRequest
+from core.draft import Drafted, DraftProposal, DraftRequest
 from core.verify import VerifyItem, VerifyOutcome
 
 
@@ -32,6 +32,32 @@ class Drafter(Protocol):
     def check_integrity(self) -> None:
         """Raise if the drafter's KV bookkeeping is inconsistent."""
         ...
+
+
+class PendingDraft(Protocol):
+    """A draft call on its way: the engine verifies other requests while it is out."""
+
+    def result(self, timeout_s: float) -> Drafted:
+        """The call's answer, waiting at most ``timeout_s`` for it; raises
+        :class:`core.draft.DrafterUnavailable` when the drafter does not answer in time."""
+        ...
+
+
+class DraftClient(Protocol):
+    """The drafter as the engine reaches it: in this process, or across a link."""
+
+    def submit(self, requests: Sequence[DraftRequest]) -> PendingDraft:
+        """Send one draft call for ``requests`` (see :meth:`Drafter.propose`) and return at
+        once, or once answered for a drafter in this process."""
+        ...
+
+    def has_adapter(self, name: str) -> bool: ...
+
+    def release(self, request_id: int) -> None:
+        """As :meth:`Drafter.release`; a drafter across a link may do it with its next call."""
+        ...
+
+    def check_integrity(self) -> None: ...
 
 
 class Verifier(Protocol):

@@ -1,11 +1,19 @@
 """The engine: a scheduler, a verifier and (optionally) a drafter, stepped together.
 
 In-process form of what the Ray Serve deployments host. ``step`` is the whole algorithm:
-schedule, propose, verify, update, learn. Each step's data crosses as frozen values: the
-scheduler's :class:`core.plan.StepPlan`, the drafter's proposals, the verifier's outcomes, the
-scheduler's :class:`core.plan.StepReport`, and what the step cost; the policy learns from the
+schedule, send the draft call, verify, update, learn. Each step's data crosses as frozen values:
+the scheduler's :class:`core.plan.StepPlan`, the drafter's proposals, the verifier's outcomes,
+the scheduler's :class:`core.plan.StepReport`, and what the step cost; the policy learns from the
 last two only. After every step the engine publishes an :class:`EngineSnapshot` for metrics and
 routing, which read nothing else of it.
+
+Lockstep (one group), a step plans every running request, waits for their trees and verifies
+them. Pipelined (two groups), each request belongs to one group and a step verifies one group's
+trees while the other group's draft call is out: the drafter and the verifier work at the same
+time, and the link's round trip hides behind a verification. Outputs do not depend on the
+timing: a request's tree is whatever came back for its plan, and the verifier decides alone.
+A drafter that does not answer costs one step's trees, never a request: the engine decodes
+plainly and asks again after a backoff.
 """
 
 from __future__ import annotations
@@ -14,42 +22,72 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from core.draft import DraftProposal, DraftRequest
-from core.plan import Completion, RequestOutput, StepReport, StepTiming
+from core.draft import Answered, Drafted, DrafterUnavailable
+from core.plan import Completion, RequestOutput, StepPlan, StepReport, StepTiming
 from core.prompt import EncodedPrompt, Prompt
-from core.protocols import Drafter, Verifier
+from core.protocols import DraftClient, PendingDraft, Verifier
 from core.sampling import SamplingParams
 from scheduler.request import RequestState
 from scheduler.scheduler import Scheduler
 from scheduler.snapshot import EngineSnapshot, PrefixCounters
 
-__all__ = ["Completion", "Engine"]
+__all__ = ["Completion", "DrafterHealth", "Engine"]
 
 IDLE_WAIT_S = 0.05  # with only Redis lookups pending, how long a step waits for one
+DRAFT_TIMEOUT_S = 5.0  # a draft call not answered by then is given up: the step decodes plainly
+RETRY_AFTER_S = (0.5, 8.0)  # backoff before asking a failed drafter again: first, longest
+NOTHING_TO_DRAFT = Answered(Drafted((), call_ms=0.0))
 
 
-class StepClock:
-    """Times one step: the drafter's part, and the rest."""
+@dataclass(frozen=True)
+class _Clock:
+    """A step's draft call as the step saw it; :meth:`after` makes the step's timing."""
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.draft_s = 0.0
+    waited_s: float = 0.0  # blocked on a call that never answered
+    draft_ms: float = 0.0  # the call's part the step waited for (all of it in lockstep)
+    hidden_ms: float = 0.0
+    link_ms: float = 0.0
 
-    def drafting(
-        self, propose: Callable[[Sequence[DraftRequest]], list[DraftProposal]], drafts: Sequence[DraftRequest]
-    ) -> list[DraftProposal]:
-        start = time.perf_counter()
-        proposals = propose(drafts)
-        self.draft_s += time.perf_counter() - start
-        return proposals
+    def after(self, total_s: float) -> StepTiming:
+        draft_ms = self.draft_ms + 1000 * self.waited_s
+        verify_ms = max(1000 * total_s - draft_ms, 0.0)
+        return StepTiming(draft_ms, verify_ms, self.hidden_ms, self.link_ms)
 
-    def timing(self) -> StepTiming:
-        """Scheduling and bookkeeping count with the verify part: every step pays them."""
-        total = time.perf_counter() - self.started
-        return StepTiming(draft_ms=1000 * self.draft_s, verify_ms=1000 * (total - self.draft_s))
+
+@dataclass(frozen=True)
+class _Flight:
+    """A group's planned step whose draft call is out."""
+
+    group: int
+    plan: StepPlan
+    pending: PendingDraft
+    sent_s: float  # perf_counter when the call was handed off (after ``submit`` returned)
+
+
+class DrafterHealth:
+    """Whether to ask the drafter now: after a failure, not until a doubling backoff passed."""
+
+    def __init__(self, backoff_s: tuple[float, float] = RETRY_AFTER_S) -> None:
+        self.first_s, self.longest_s = backoff_s
+        self.failures = 0  # calls that got no answer, all told
+        self._streak = 0  # failures since the last answer
+        self._retry_s = 0.0  # perf_counter before which the drafter is not asked
+
+    def available(self) -> bool:
+        return time.perf_counter() >= self._retry_s
+
+    def answered(self) -> None:
+        self._streak = 0
+
+    def failed(self) -> None:
+        self.failures += 1
+        self._streak += 1
+        wait = min(self.first_s * 2 ** (self._streak - 1), self.longest_s)
+        self._retry_s = time.perf_counter() + wait
 
 
 class Engine:
@@ -57,12 +95,13 @@ class Engine:
         self,
         scheduler: Scheduler,
         verifier: Verifier,
-        drafter: Drafter | None,
+        drafter: DraftClient | None,
         encode: Callable[[Prompt], EncodedPrompt],
         eos_token_ids: frozenset[int],
         seed: int = 0,
         compression: float | None = None,
         layout: Callable[[Prompt], EncodedPrompt] | None = None,
+        draft_timeout_s: float = DRAFT_TIMEOUT_S,
     ) -> None:
         self.scheduler, self.verifier, self.drafter = scheduler, verifier, drafter
         self.encode, self.eos_token_ids = encode, eos_token_ids
@@ -70,9 +109,16 @@ class Engine:
         # chunk needs them (not at all when a prefix cache holds their rows)
         self.layout = layout
         self.compression = compression  # r for every request; None = the policy chooses
+        self.draft_timeout_s = draft_timeout_s
+        self.health = DrafterHealth()
         self._ids = itertools.count()
         self._seeds = random.Random(seed)
+        self._flights: dict[int, _Flight] = {}  # group -> its planned step, trees on the way
         self.snapshot = EngineSnapshot()
+
+    @property
+    def pipelined(self) -> bool:
+        return self.scheduler.config.groups > 1
 
     def add_request(
         self,
@@ -119,14 +165,21 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        clock = StepClock()
-        plan = self.scheduler.schedule()
-        if plan.empty:
+        started = time.perf_counter()
+        self._send_drafts()
+        flight = min(self._flights.values(), key=lambda f: f.sent_s, default=None)
+        if flight is None:
             return self._idle()
-        plan = plan.with_trees(clock.drafting(self._propose, plan.drafts))
+        del self._flights[flight.group]
+        plan = self.scheduler.current(flight.plan)
+        if plan.empty:  # every request of it was aborted while its trees were drafted
+            return []
+        plan, clock = self._trees(plan, flight)
         report = self.scheduler.update(plan, self.verifier.verify(plan.items))
-        self.scheduler.learn(report, clock.timing())
-        self._publish(report, batch=len(plan.items))
+        timing = clock.after(time.perf_counter() - started)
+        if not report.drafter_failed:  # a timeout's wait says nothing of what drafting costs
+            self.scheduler.learn(report, timing)
+        self._publish(report, timing, batch=len(plan.items))
         return list(report.outputs)
 
     def generate(
@@ -153,21 +206,51 @@ class Engine:
             raise ValueError(f"request {out.request_id}'s output is not its final one")
         return out.completion
 
-    def _propose(self, drafts: Sequence[DraftRequest]) -> list[DraftProposal]:
-        return self.drafter.propose(drafts) if drafts and self.drafter is not None else []
+    def _send_drafts(self) -> None:
+        """Plan every group without a step on its way and send its draft call: in lockstep the
+        one group, pipelined the group just verified (its trees draft while the other group's
+        are verified) and any group that had nothing to run."""
+        for group in range(self.scheduler.config.groups):
+            if group in self._flights:
+                continue
+            overlap = sum(f.plan.num_tokens for f in self._flights.values())
+            draft = self.drafter is not None and self.health.available()
+            plan = self.scheduler.schedule(group, draft=draft, overlap_tokens=overlap)
+            if plan.empty:
+                continue
+            pending: PendingDraft = NOTHING_TO_DRAFT
+            if plan.drafts and self.drafter is not None:
+                pending = self.drafter.submit(plan.drafts)
+            self._flights[group] = _Flight(group, plan, pending, time.perf_counter())
+
+    def _trees(self, plan: StepPlan, flight: _Flight) -> tuple[StepPlan, _Clock]:
+        """``plan`` (``flight``'s, less aborted requests) with its trees once they came; without
+        trees when the drafter did not answer in time."""
+        waiting = time.perf_counter()
+        try:
+            drafted = flight.pending.result(self.draft_timeout_s)
+        except DrafterUnavailable:
+            self.health.failed()
+            return plan.undrafted(), _Clock(waited_s=time.perf_counter() - waiting)
+        if plan.drafts:
+            self.health.answered()
+        # what verifying other groups hid of the call: the time from handing it off to waiting
+        hidden_ms = min(drafted.call_ms, 1000 * (waiting - flight.sent_s))
+        clock = _Clock(0.0, drafted.call_ms - hidden_ms, hidden_ms, drafted.link_ms)
+        return plan.with_trees(drafted.proposals), clock
 
     def _idle(self) -> list[RequestOutput]:
         """Nothing to run but Redis lookups (or nothing at all): wait a little for one."""
         self.scheduler.wait_for_fetches(timeout_s=IDLE_WAIT_S)
         return []
 
-    def _publish(self, report: StepReport, batch: int) -> None:
+    def _publish(self, report: StepReport, timing: StepTiming, batch: int) -> None:
         sched, pool = self.scheduler, self.scheduler.pool
         self.snapshot = EngineSnapshot(
             waiting=len(sched.queue.waiting),
             running=len(sched.queue.running),
             kv_used=1 - pool.num_free_blocks / pool.num_blocks,
             drafter_kv_used=sched.drafter_kv_used(),
-            totals=self.snapshot.totals.after(report, batch),
+            totals=self.snapshot.totals.after(report, timing, batch),
             prefix=None if sched.prefix is None else PrefixCounters.of(sched.prefix),
         )

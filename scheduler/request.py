@@ -51,6 +51,9 @@ class RequestState:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     preemptions: int = 0
+    group: int = 0  # the pipeline group it is scheduled with (``SchedulerConfig.groups``)
+    link_bytes_up: int = 0  # its draft calls and trees across the drafter link, serialized
+    link_bytes_down: int = 0
     block_hashes: tuple[bytes, ...] = ()  # content hash per full prompt block (prefix caching)
     cached_tokens: int = 0  # prompt tokens found in a prefix cache at the first admission
     published: int = 0  # leading prompt blocks already in the prefix cache (found or offered)
@@ -93,6 +96,8 @@ class RequestState:
             accepted_tokens=self.accepted_tokens,
             cached_tokens=self.cached_tokens,
             preemptions=self.preemptions,
+            link_bytes_up=self.link_bytes_up,
+            link_bytes_down=self.link_bytes_down,
         )
 
     def chunk(self, n: int) -> EncodedPrompt:

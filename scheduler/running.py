@@ -33,6 +33,13 @@ class RunningSet:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def emptiest_group(self, groups: int) -> int:
+        """The group with the fewest live requests (the lowest on a tie)."""
+        sizes = [0] * groups
+        for r in self.requests.values():
+            sizes[r.group] += 1
+        return min(range(groups), key=sizes.__getitem__)
+
     def admit(self, req: RequestState, blocks: SequenceBlocks) -> None:
         """Move a waiting ``req`` to the running list with the KV ``blocks`` it starts from."""
         self.waiting.remove(req)
@@ -40,11 +47,12 @@ class RunningSet:
         self.running.append(req)
 
     def reserve_or_preempt(self, req: RequestState, n: int) -> bool:
-        """Reserve ``n`` KV entries for running ``req``, preempting the newest requests until
-        they fit; False when ``req`` itself had to be preempted."""
+        """Reserve ``n`` KV entries for running ``req``, preempting the newest requests of its
+        group until they fit (another group's requests may be in a step on its way); False when
+        ``req`` itself had to be preempted."""
         assert req.blocks is not None
         while not req.blocks.can_reserve(n):
-            victim = self.running[-1]
+            victim = next(r for r in reversed(self.running) if r.group == req.group)
             self.preempt(victim)
             if victim is req:
                 return False

@@ -37,9 +37,12 @@ class SchedulerConfig:
     max_batch_tokens: int = 512  # tokens per verifier forward: chunks, last tokens and tree nodes
     max_running: int = 64  # requests holding KV at once
     max_model_len: int = 1024  # the target's context window (positions)
+    # requests split into this many groups, each planned and verified in its own step, so one
+    # group's trees can be drafted while another's are verified (1: every request every step)
+    groups: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1 or self.max_running < 1 or self.max_model_len < 2:
+        if min(self.max_batch_tokens, self.max_running, self.groups) < 1 or self.max_model_len < 2:
             raise ValueError(f"invalid scheduler config {self}")
 
 
@@ -75,6 +78,7 @@ class Scheduler:
             )
         if -(-total // self.pool.block_size) > self.pool.num_blocks:
             raise ValueError(f"request needs {total} KV entries, more than the whole KV pool holds")
+        req.group = self.queue.emptiest_group(self.config.groups)
         self.queue.add(req)
 
     def get(self, request_id: int) -> RequestState | None:
@@ -99,26 +103,36 @@ class Scheduler:
 
     # -- the step -------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
-        """Running requests first (oldest first) with their trees, then admissions with what
-        is left of the token budget; a tree is only drafted for an item that samples. The budget
-        carries the policy's r unless the request pinned its own; the drafter applies it when it
-        builds the request's KV."""
-        running, tokens_left = self._schedule_running()
+    def schedule(self, group: int = 0, draft: bool = True, overlap_tokens: int = 0) -> StepPlan:
+        """``group``'s step: its running requests first (oldest first) with their trees, then
+        its admissions with what is left of the token budget; a tree is only drafted for an item
+        that samples, and none without ``draft`` (no drafter to ask). The budget carries the
+        policy's r unless the request pinned its own; the drafter applies it when it builds the
+        request's KV. ``overlap_tokens``: what the verifier forwards for other groups while this
+        plan's trees are drafted."""
+        running, tokens_left = self._schedule_running(group)
         sampling = [(r, n) for r, n in running if n == r.num_missing]
-        load = self._load(running, sampling, tokens_left)
-        budget = self.policy.decide(load)
+        load = self._load(group, running, sampling, tokens_left, overlap_tokens)
+        budget = self.policy.decide(load) if draft else NO_DRAFT
         drafts, tokens_left = self.drafts.attach(sampling, budget, tokens_left)
-        admitted, tokens_left = self._admit(tokens_left)
+        admitted, tokens_left = self._admit(group, tokens_left)
         joined = [(r, n) for r, n in admitted if n == r.num_missing]
         more, tokens_left = self.drafts.attach(joined, budget, tokens_left)
         items = tuple(self._item(req, n) for req, n in running + admitted)
         return StepPlan(items, tuple(drafts + more), load, budget)
 
+    def current(self, plan: StepPlan) -> StepPlan:
+        """``plan`` without the requests that ended since it was made (aborted)."""
+        return plan.keep(set(self.queue.requests))
+
     def update(self, plan: StepPlan, outcomes: Sequence[VerifyOutcome]) -> StepReport:
         """Commit each request's accepted KV, append its tokens, finish what is done."""
         budgets = {d.request_id: d.budget for d in plan.drafts}
         outputs, accepted = [], []
+        for p in plan.proposals:
+            if (owner := self.queue.requests.get(p.request_id)) is not None:
+                owner.link_bytes_up += p.bytes_up
+                owner.link_bytes_down += p.bytes_down
         for item, out in zip(plan.items, outcomes, strict=True):
             req = self.queue.requests[item.request_id]
             n = int(item.token_ids.shape[0])
@@ -138,6 +152,7 @@ class Scheduler:
             tree_nodes=sum(i.num_draft for i in plan.items),
             drafter_prefill=sum(p.prefill_tokens for p in plan.proposals),
             drafter_dropped=sum(p.dropped for p in plan.proposals),
+            drafter_failed=plan.drafter_failed,
         )
 
     def learn(self, report: StepReport, timing: StepTiming) -> None:
@@ -150,10 +165,10 @@ class Scheduler:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _schedule_running(self) -> tuple[Scheduled, int]:
+    def _schedule_running(self, group: int) -> tuple[Scheduled, int]:
         chosen: Scheduled = []
         tokens_left = self.config.max_batch_tokens
-        for req in list(self.queue.running):
+        for req in [r for r in self.queue.running if r.group == group]:
             if req.status is not Status.RUNNING or tokens_left == 0:  # preempted by an older one
                 continue
             n = min(req.num_missing, tokens_left)
@@ -162,21 +177,24 @@ class Scheduler:
                 tokens_left -= n
         return chosen, tokens_left
 
-    def _load(self, running: Scheduled, sampling: Scheduled, tokens_left: int) -> StepLoad:
+    def _load(
+        self, group: int, running: Scheduled, sampling: Scheduled, tokens_left: int, overlap_tokens: int
+    ) -> StepLoad:
         """The step's load as the policy sees it: who samples, the prompt tokens beside them
         (running chunks and what admissions can take), and who will sample soon."""
-        waiting = self.queue.waiting
+        waiting = [r for r in self.queue.waiting if r.group == group]
         prefill = (
             sum(n for _, n in running) - len(sampling) + min(sum(r.num_missing for r in waiting), tokens_left)
         )
         room = max(self.config.max_running - len(self.queue.running), 0)
-        joining = len(self.queue.running) - len(sampling) + min(len(waiting), room)
-        return StepLoad(len(sampling), prefill, self.drafter_kv_used(), joining)
+        members = sum(r.group == group for r in self.queue.running)
+        joining = members - len(sampling) + min(len(waiting), room)
+        return StepLoad(len(sampling), prefill, self.drafter_kv_used(), joining, overlap_tokens)
 
-    def _admit(self, tokens_left: int) -> tuple[Scheduled, int]:
+    def _admit(self, group: int, tokens_left: int) -> tuple[Scheduled, int]:
         """Oldest waiting first, each from its cached prefix; one still fetching is passed over."""
         chosen: Scheduled = []
-        for req in list(self.queue.waiting):
+        for req in [r for r in self.queue.waiting if r.group == group]:
             if tokens_left <= 0 or len(self.queue.running) >= self.config.max_running:
                 break
             blocks = self.admission.start(req)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from core.plan import StepReport
+from core.plan import StepReport, StepTiming
 from kvcache.prefix_cache import PrefixCache, PrefixStats
 from kvcache.redis_store import RedisKVStore, TierStats
 
@@ -24,8 +24,11 @@ class StepTotals:
     verify_tokens: int = 0  # tokens the verifier forwards carried (chunks, last tokens, tree nodes)
     tree_nodes: int = 0
     drafter_dropped: int = 0  # requests whose drafter KV was dropped for want of room
+    undrafted_steps: int = 0  # steps decoded plainly because the drafter did not answer
+    draft_wait_ms: float = 0.0  # the steps waited for their trees
+    draft_hidden_ms: float = 0.0  # draft calls' time the verifier spent on other groups
 
-    def after(self, report: StepReport, batch: int) -> StepTotals:
+    def after(self, report: StepReport, timing: StepTiming, batch: int) -> StepTotals:
         """These totals with one more step of ``batch`` requests, reported as ``report``."""
         return StepTotals(
             steps=self.steps + 1,
@@ -33,6 +36,9 @@ class StepTotals:
             verify_tokens=self.verify_tokens + report.verify_tokens,
             tree_nodes=self.tree_nodes + report.tree_nodes,
             drafter_dropped=self.drafter_dropped + report.drafter_dropped,
+            undrafted_steps=self.undrafted_steps + report.drafter_failed,
+            draft_wait_ms=self.draft_wait_ms + timing.draft_ms,
+            draft_hidden_ms=self.draft_hidden_ms + timing.hidden_ms,
         )
 
 

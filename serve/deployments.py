@@ -40,14 +40,16 @@ def use_cpus(num_cpus: float) -> None:
 def engine_options(settings: ServeSettings, placement: DeploymentSettings) -> Any:
     """The engine (or drafter pool) options of a replica placed as ``placement`` says: its
     models run on the GPU Ray gave it when it asks for any (``num_gpus`` > 0), else on its CPUs."""
+    from scheduler.engine import DRAFT_TIMEOUT_S
     from serve.engine_builder import EngineOptions
 
-    cache = settings.prefix_cache
+    cache, pool = settings.prefix_cache, settings.drafter_pool
     return EngineOptions(
         policy=settings.policy, dtype=settings.dtype, max_batch_tokens=settings.max_batch_tokens,
         device="cuda" if placement.num_gpus > 0 else "cpu",
         adapters=settings.adapter_folders(), prefix_cache=cache.enabled,
         redis_url=cache.redis_url or os.environ.get("REDIS_URL"),
+        pipeline=settings.pipeline, draft_timeout_s=pool.timeout_s if pool else DRAFT_TIMEOUT_S,
     )  # fmt: skip
 
 
@@ -62,13 +64,14 @@ class EngineServer:
 
         use_cpus(settings.engine.num_cpus)
         options = engine_options(settings, settings.engine)
-        if drafter is None:
+        if drafter is None or settings.drafter_pool is None:
             self.built = build_engine(settings.target, settings.drafter, options)
         else:  # building calls the pool (cost calibration); a blocking handle call may not run on
             # the replica's event loop, where Serve runs this constructor
+            pool = settings.drafter_pool
+            remote = RemoteDrafter(drafter, pool.link.model(), pool.timeout_s)
             with ThreadPoolExecutor(1) as thread:
-                build = thread.submit(build_engine, settings.target, None, options, RemoteDrafter(drafter))
-                self.built = build.result()
+                self.built = thread.submit(build_engine, settings.target, None, options, remote).result()
         self.engine = AsyncEngine(self.built.engine)
         self.metrics = EngineMetrics()
         threading.Thread(target=self._sample_metrics, name="covspec-metrics", daemon=True).start()
@@ -170,6 +173,10 @@ class DrafterPoolReplica:
 
     def forward_cost(self, tokens: tuple[int, ...]) -> Any:
         return self.server.forward_cost(tokens)
+
+    def engines_served(self) -> int:
+        """How many engine replicas have called this pool."""
+        return len(self.server.engines)
 
 
 api = FastAPI(title="CoVSpec Serve")

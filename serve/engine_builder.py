@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from core.draft import Answered, Drafted, DraftRequest
 from core.forward_batch import SequenceInput, pack
-from core.protocols import Drafter
+from core.protocols import DraftClient
 from drafter_pool.adapters import AdapterRegistry
 from drafter_pool.pool import DrafterPool
 from drafter_pool.tree_search import TreeShape
@@ -21,7 +23,7 @@ from models.loader import LoadedModel, fingerprint, load_model
 from models.prompt_encoder import PromptEncoder
 from models.threads import intra_op_threads, threads_for
 from scheduler.cost import CostCurve, CostModel
-from scheduler.engine import Engine
+from scheduler.engine import DRAFT_TIMEOUT_S, Engine
 from scheduler.output import OutputProcessor
 from scheduler.policy import POLICIES, Policy, PolicyOptions, make_policy
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -51,6 +53,10 @@ class EngineOptions:
     max_adapter_rank: int = 16
     prefix_cache: bool = True  # reuse the KV of prompt blocks computed before (same tenant or public)
     redis_url: str | None = None  # share prefix KV through this Redis (needs prefix_cache)
+    # with a drafter across a link (``remote_drafter``): two groups of requests, one verified
+    # while the other's trees are drafted; a drafter in this process drafts in lockstep
+    pipeline: bool = True
+    draft_timeout_s: float = DRAFT_TIMEOUT_S  # a draft call not answered by then: plain decoding
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -95,7 +101,7 @@ def measure_cost(model: LoadedModel, pool: BlockPool, tokens: tuple[int, ...], r
     return CostCurve(tokens, tuple(ms))
 
 
-class DrafterService(Drafter, Protocol):
+class DrafterService(DraftClient, Protocol):
     """A drafter the engine can also ask for its KV use and its forward-cost curve (the drafter
     pool in this process, or the DrafterPool deployment through ``serve.remote_drafter``)."""
 
@@ -106,6 +112,12 @@ class DrafterService(Drafter, Protocol):
 
 class LocalDrafter(DrafterPool):
     """The drafter pool in this process, measuring its own forward cost."""
+
+    def submit(self, requests: Sequence[DraftRequest]) -> Answered:
+        """Drafts now, in the engine's thread: nothing else runs meanwhile."""
+        start = time.perf_counter()
+        proposals = tuple(self.propose(requests))
+        return Answered(Drafted(proposals, call_ms=1000 * (time.perf_counter() - start)))
 
     def forward_cost(self, tokens: tuple[int, ...]) -> CostCurve:
         with intra_op_threads(self.threads):
@@ -136,7 +148,11 @@ def build_engine(
     scheduler = Scheduler(
         pool,
         _policy(opts, target, pool, drafter),
-        SchedulerConfig(opts.max_batch_tokens, max_model_len=int(text.max_position_embeddings)),
+        SchedulerConfig(
+            opts.max_batch_tokens,
+            max_model_len=int(text.max_position_embeddings),
+            groups=2 if opts.pipeline and remote_drafter is not None else 1,
+        ),
         on_release=drafter.release if drafter is not None else (lambda request_id: None),
         drafter_kv_used=drafter.kv_used if drafter is not None else (lambda: 0.0),
         prefix=prefix,
@@ -152,6 +168,7 @@ def build_engine(
         seed=opts.seed,
         compression=opts.compression,
         layout=encoder.layout,
+        draft_timeout_s=opts.draft_timeout_s,
     )
     if local is None:
         if opts.adapters and remote_drafter is None:

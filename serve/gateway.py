@@ -63,6 +63,8 @@ def covspec_stats(completion: Completion, adapter: str | None) -> dict[str, Any]
         "verify_steps": s.verify_steps,
         "draft_tokens": s.draft_tokens,
         "accepted_tokens": s.accepted_tokens,
+        "link_bytes_up": s.link_bytes_up,  # to the drafter pool and back, serialized (0: in-engine)
+        "link_bytes_down": s.link_bytes_down,
         "adapter": adapter,
         "ttft_s": round(completion.ttft_s, 4),
     }

@@ -76,6 +76,26 @@ class EngineMetrics:
                 description="requests whose drafter KV was dropped for want of room (they decode plainly)",
             )
         )
+        self.undrafted = _Increments(
+            m.Counter(
+                "covspec_drafter_unanswered_steps",
+                description="steps decoded plainly because the drafter pool did not answer",
+            )
+        )
+        self.draft_wait = _Increments(
+            m.Counter("covspec_draft_wait_ms", description="milliseconds steps waited for their trees")
+        )
+        self.draft_hidden = _Increments(
+            m.Counter(
+                "covspec_draft_hidden_ms",
+                description="milliseconds of draft calls hidden behind verifying another group (pipelined)",
+            )
+        )
+        self.link_bytes = m.Counter(
+            "covspec_link_bytes",
+            description="serialized bytes between engine and drafter pool, of finished requests",
+            tag_keys=("direction",),
+        )
         self.adapters = AdapterMetrics()
         self.prefix = PrefixMetrics()
         self._seen = StepTotals()
@@ -95,6 +115,10 @@ class EngineMetrics:
             self.accepted_tokens.inc(s.accepted_tokens)
         if s.output_tokens:
             self.output_tokens.inc(s.output_tokens)
+        if s.link_bytes_up:
+            self.link_bytes.inc(s.link_bytes_up, tags={"direction": "up"})
+        if s.link_bytes_down:
+            self.link_bytes.inc(s.link_bytes_down, tags={"direction": "down"})
 
     def sample(self, snapshot: EngineSnapshot, adapters: Any) -> None:
         """Gauges from the engine's latest snapshot, and increments since the last sample."""
@@ -108,6 +132,9 @@ class EngineMetrics:
             self.batch_requests.set((totals.batch_requests - seen.batch_requests) / steps)
             self.step_tokens.set((totals.verify_tokens - seen.verify_tokens) / steps)
         self.drafter_dropped.to(totals.drafter_dropped)
+        self.undrafted.to(totals.undrafted_steps)
+        self.draft_wait.to(int(totals.draft_wait_ms))
+        self.draft_hidden.to(int(totals.draft_hidden_ms))
         self._seen = totals
         if adapters is not None:
             self.adapters.sample(adapters)

@@ -1,25 +1,42 @@
 """The drafter as a separate Ray Serve deployment: the engine's client and the deployment's body.
 
-Each engine step calls the DrafterPool deployment once, with every request that gets a tree.
-What crosses the wire is kept small: a request's prompt (with its images) is sent only on its
-first call, releases ride along with the next call instead of costing a round trip each, and the
-reply carries the pool's KV use, which the draft policy reads every step. Request ids are
-namespaced by engine replica, so several engines can share one drafter pool.
+A draft call carries every request of one planned step. What crosses the link is kept small: a
+request's prompt (with its images) is sent only on its first call, releases ride along with a
+later call instead of costing a round trip each, and the reply carries the pool's KV use, which
+the draft policy reads every step. Each request's part of a call and each proposal is pickled on
+its own, so the bytes a request puts on the link are counted exactly. Request ids are namespaced
+by engine replica, so several engines share one drafter pool.
+
+Calls go out from a few link threads and the engine does not wait for them until it needs the
+trees; the :class:`serve.link.Link` delays each message there. Two calls may be out at once (one
+per pipeline group), so a release waits until no call still carries its request: a release can
+never overtake the request's draft. A pool that restarted knows no request: it answers those
+without their prompt with an empty tree and names them, and the engine sends their prompts again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import random
 import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-from core.draft import DraftBudget, DraftProposal, DraftRequest
+from core.draft import DraftBudget, Drafted, DrafterUnavailable, DraftRequest
 from core.prompt import Prompt
 from core.sampling import SamplingParams
+from drafter_pool.pool import empty_proposal
 from scheduler.cost import CostCurve
+from serve.link import NO_LINK, Link
+
+LINK_THREADS = 4  # calls out at once: one per pipeline group, and room for a slow one
 
 
 @dataclass(frozen=True)
@@ -36,55 +53,124 @@ class DraftCall:
 
 @dataclass(frozen=True)
 class DraftReply:
-    proposals: tuple[DraftProposal, ...]  # one per call, in order
+    proposals: tuple[bytes, ...]  # one pickled DraftProposal per call, in order
     kv_used: float  # fraction of the pool's drafter KV blocks in use after this call
+    unknown: tuple[int, ...] = ()  # requests sent without a prompt that the pool does not hold
+
+
+def pack(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class RemoteDraft:
+    """A draft call on its way (:class:`core.protocols.PendingDraft`)."""
+
+    def __init__(self, future: Future[Drafted]) -> None:
+        self.future = future
+
+    def result(self, timeout_s: float) -> Drafted:
+        try:
+            return self.future.result(timeout=timeout_s)
+        except FutureTimeout as e:
+            raise DrafterUnavailable(f"the drafter pool did not answer within {timeout_s} s") from e
 
 
 class RemoteDrafter:
-    """The engine's :class:`serve.engine_builder.DrafterService` over the DrafterPool handle."""
+    """The engine's :class:`serve.engine_builder.DrafterService` over the DrafterPool handle,
+    across ``link``."""
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
+    def __init__(self, handle: Any, link: Link = NO_LINK, timeout_s: float = 5.0, seed: int = 0) -> None:
+        self.handle, self.link, self.timeout_s = handle, link, timeout_s
         self.engine_id = uuid.uuid4().hex  # this engine's namespace in the shared pool
+        self._lock = threading.Lock()  # the engine's thread and the link threads share what follows
         self._sent: set[int] = set()  # requests whose prompt the pool holds
-        self._releases: list[int] = []
+        self._releases: set[int] = set()  # released, not yet told to the pool
+        self._in_flight: Counter[int] = Counter()  # requests in calls not answered yet
+        self._adapters: set[str] = set()  # adapters the pool said it has
         self._kv_used = 0.0
+        self._rng = random.Random(seed)  # the link's jitter
+        self._threads = ThreadPoolExecutor(LINK_THREADS, thread_name_prefix="covspec-link")
 
-    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
-        calls = [
-            DraftCall(
-                r.request_id,
-                None if r.request_id in self._sent else r.prompt,
-                r.output_ids,
-                r.budget,
-                r.sampling,
-                r.adapter,
+    def submit(self, requests: Sequence[DraftRequest]) -> RemoteDraft:
+        with self._lock:
+            calls = [
+                DraftCall(
+                    r.request_id,
+                    None if r.request_id in self._sent else r.prompt,
+                    r.output_ids,
+                    r.budget,
+                    r.sampling,
+                    r.adapter,
+                )
+                for r in requests
+            ]
+            ids = [r.request_id for r in requests]
+            releases = self._take_releases()
+            self._in_flight.update(ids)
+            rng = random.Random(self._rng.getrandbits(64))
+        payload = [pack(c) for c in calls]
+        return RemoteDraft(self._threads.submit(self._call, ids, releases, payload, rng))
+
+    def _call(self, ids: list[int], releases: list[int], payload: list[bytes], rng: random.Random) -> Drafted:
+        """In a link thread: the call across the link and back."""
+        start = time.perf_counter()
+        try:
+            on_link = self.link.carry(sum(map(len, payload)), rng)
+            reply: DraftReply = self.handle.propose.remote(self.engine_id, releases, payload).result(
+                timeout_s=self.timeout_s
             )
-            for r in requests
-        ]
-        reply: DraftReply = self.handle.propose.remote(self.engine_id, self._take_releases(), calls).result()
-        self._sent.update(r.request_id for r in requests)
-        self._kv_used = reply.kv_used
-        return list(reply.proposals)
+            on_link += self.link.carry(sum(map(len, reply.proposals)), rng)
+        except Exception as e:  # gone, restarting or too slow: the engine decodes plainly
+            with self._lock:
+                self._sent.difference_update(ids)  # their prompts go again (a known one is ignored)
+                self._releases.update(releases)  # telling a pool twice is harmless
+            raise DrafterUnavailable(f"the drafter pool did not answer: {e!r}") from e
+        finally:
+            with self._lock:
+                self._in_flight.subtract(ids)
+                self._in_flight = +self._in_flight  # drop the zeros
+        proposals = tuple(
+            dataclasses.replace(pickle.loads(down), bytes_up=len(up), bytes_down=len(down))
+            for up, down in zip(payload, reply.proposals, strict=True)
+        )
+        with self._lock:
+            self._sent.update(i for i in ids if i not in self._releases)
+            self._sent.difference_update(reply.unknown)
+            self._kv_used = reply.kv_used
+        return Drafted(proposals, 1000 * (time.perf_counter() - start), 1000 * on_link)
 
     def release(self, request_id: int) -> None:
-        if request_id in self._sent:
-            self._sent.discard(request_id)
-            self._releases.append(request_id)
+        with self._lock:
+            if request_id in self._sent or request_id in self._in_flight:
+                self._sent.discard(request_id)
+                self._releases.add(request_id)
 
     def has_adapter(self, name: str) -> bool:
-        return bool(self.handle.has_adapter.remote(name).result())
+        """Whether the pool has ``name``; True while the pool cannot be asked (the gateway let
+        only configured adapters through, and a pool without it drafts with the base drafter)."""
+        if name in self._adapters:
+            return True
+        try:
+            known = bool(self.handle.has_adapter.remote(name).result(timeout_s=self.timeout_s))
+        except Exception:
+            return True
+        if known:
+            self._adapters.add(name)
+        return known
 
     def check_integrity(self) -> None:
-        self.handle.check_integrity.remote(self.engine_id, self._take_releases()).result()
+        with self._lock:
+            releases = self._take_releases()
+        self.handle.check_integrity.remote(self.engine_id, releases).result()
 
     def kv_used(self) -> float:
         return self._kv_used
 
     def _take_releases(self) -> list[int]:
-        """The releases not yet told to the pool; they go with the next call."""
-        releases, self._releases = self._releases, []
-        return releases
+        """The releases no call in flight still carries; they go with the next call."""
+        ready = sorted(r for r in self._releases if r not in self._in_flight)
+        self._releases.difference_update(ready)
+        return ready
 
     def forward_cost(self, tokens: tuple[int, ...]) -> CostCurve:
         curve: CostCurve = self.handle.forward_cost.remote(tokens).result()
@@ -100,16 +186,24 @@ class DrafterPoolServer:
         self._local: dict[tuple[str, int], int] = {}  # (engine, request) -> the pool's request id
         self._prompts: dict[int, Prompt] = {}
         self._next = 0
+        self.engines: set[str] = set()  # engine replicas that called (they share this pool)
 
-    def propose(self, engine_id: str, releases: list[int], calls: list[DraftCall]) -> DraftReply:
+    def propose(self, engine_id: str, releases: list[int], payload: list[bytes]) -> DraftReply:
+        """One draft call: ``payload`` holds one pickled :class:`DraftCall` per request."""
+        calls: list[DraftCall] = [pickle.loads(p) for p in payload]
         with self._lock:
+            self.engines.add(engine_id)
             self._release(engine_id, releases)
             requests = [self._request(engine_id, c) for c in calls]
-            proposals = self.pool.propose(requests)
-            back = tuple(
-                dataclasses.replace(p, request_id=c.request_id) for p, c in zip(proposals, calls, strict=True)
-            )
-            return DraftReply(back, self.pool.kv_used())
+            trees = iter(self.pool.propose([r for r in requests if r is not None]))
+            back, unknown = [], []
+            for c, req in zip(calls, requests, strict=True):
+                tree = empty_proposal(c.request_id) if req is None else next(trees)
+                if req is None:
+                    unknown.append(c.request_id)
+                dropped = tree.dropped or req is None
+                back.append(pack(dataclasses.replace(tree, request_id=c.request_id, dropped=dropped)))
+            return DraftReply(tuple(back), self.pool.kv_used(), tuple(unknown))
 
     def has_adapter(self, name: str) -> bool:
         with self._lock:
@@ -125,13 +219,13 @@ class DrafterPoolServer:
             cost: CostCurve = self.pool.forward_cost(tokens)
             return cost
 
-    def _request(self, engine_id: str, call: DraftCall) -> DraftRequest:
+    def _request(self, engine_id: str, call: DraftCall) -> DraftRequest | None:
+        """``call`` as the pool's request; None for one it does not hold that came without its
+        prompt (the pool restarted since it was sent)."""
         key = (engine_id, call.request_id)
         if key not in self._local:
             if call.prompt is None:
-                raise ValueError(
-                    f"engine {engine_id} sent request {call.request_id} without its prompt first"
-                )
+                return None
             self._local[key] = self._next
             self._prompts[self._next] = call.prompt
             self._next += 1

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve.link import Link
+
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
@@ -58,6 +60,26 @@ class DeploymentSettings(Strict):
         return options
 
 
+class LinkSettings(Strict):
+    """The modelled network between engines and the drafter pool (``serve/link.py``)."""
+
+    rtt_ms: float = Field(default=0.0, ge=0, description="round trip; each message waits half")
+    jitter_ms: float = Field(default=0.0, ge=0, description="each message waits a further uniform 0..jitter")
+    bandwidth_mbps: float | None = Field(default=None, gt=0, description="each way; unset: no transfer time")
+
+    def model(self) -> Link:
+        return Link(self.rtt_ms, self.jitter_ms, self.bandwidth_mbps)
+
+
+class DrafterPoolSettings(DeploymentSettings):
+    """The DrafterPool deployment: where it runs, and the link engines reach it over."""
+
+    link: LinkSettings = LinkSettings()
+    timeout_s: float = Field(
+        default=5.0, gt=0, description="a draft call not answered by then: that step decodes plainly"
+    )
+
+
 class PrefixCacheSettings(Strict):
     enabled: bool = Field(default=True, description="reuse the KV of prompt blocks computed before")
     redis_url: str | None = Field(
@@ -96,7 +118,11 @@ class ServeSettings(Strict):
     max_in_flight: int = Field(default=64, ge=1, description="per gateway replica; beyond it 503")
     engine: DeploymentSettings = DeploymentSettings(num_cpus=1.0)
     # the drafter as its own deployment (called once per engine step); None: inside each engine
-    drafter_pool: DeploymentSettings | None = None
+    drafter_pool: DrafterPoolSettings | None = None
+    pipeline: bool = Field(
+        default=True,
+        description="with a drafter pool: draft one group's trees while another group's are verified",
+    )
     gateway: DeploymentSettings = DeploymentSettings(num_cpus=0.2, max_ongoing_requests=256)
     prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
 

@@ -65,7 +65,7 @@ class LoadAwareDraft:
 
     def choose(self, load: StepLoad) -> DraftBudget:
         b = max(load.num_sampling + (load.num_joining if load.prefill_tokens else 0), 1)
-        rates = {key: self.rate(b, key) for key in self.candidates}
+        rates = {key: self.rate(b, key, load.overlap_tokens) for key in self.candidates}
         best = max(rates, key=rates.__getitem__)
         if load.decoding:
             best = self.exploration.pick(
@@ -73,10 +73,11 @@ class LoadAwareDraft:
             )
         return budget_of(best)
 
-    def rate(self, b: int, key: BudgetKey) -> float:
-        """Expected tokens per millisecond of ``b`` decoding requests under ``key``."""
+    def rate(self, b: int, key: BudgetKey, overlap_tokens: int = 0) -> float:
+        """Expected tokens per millisecond of ``b`` decoding requests under ``key``, their draft
+        call overlapping ``overlap_tokens`` of verification for others."""
         tau = self.tau.tau(key)
-        ms = self.cost.step_ms(b, key)
+        ms = self.cost.step_ms(b, key, overlap_tokens)
         if key[0]:
             ms += self.cost.prefill_ms(self.prompts.value * tau * b)
         return b * tau / max(ms, 1e-6)

@@ -9,7 +9,11 @@ The prediction for ``b`` sampling requests with trees of (nodes, depth):
   (its inputs, its tree's bookkeeping), which the drafter's one-sequence curve does not see;
 - the drafter's prefill, apart: ``p`` ms per token it encodes for a request it holds no KV for.
   Levels are fitted on steps without prefill and ``p`` on what the levels leave of the others
-  (one fit of both would split a lone first step's time between them anyhow).
+  (one fit of both would split a lone first step's time between them anyhow);
+- the link to a drafter elsewhere: its measured time per call (round trip and transfer), added to
+  the draft call whatever the tree;
+- pipelined, the step waits only for what of the draft call outlasts the verifier's work for the
+  other group (``StepLoad.overlap_tokens``): ``max(draft call - verify(overlap), 0)``.
 
 The fits start from the calibrated curves, weigh relative errors (a 10 ms step counts as much
 as a 50 ms one), and learn from decode steps only (a prompt chunk's cost passes its curve's
@@ -34,6 +38,7 @@ MIN_MEASURED_STEPS = 4  # decode steps of a budget at a load before its own time
 CORRECTION_DECAY = 0.9  # per step of a budget at a load: corrections follow a drifting machine
 PREFILL_PRIOR_TOKENS = 128  # the drafter's prefill prior: its forward cost per token at this size
 VERIFY_PRIOR = (1.0, 0.0, 0.0)  # the target's curve as calibrated, nothing per request or node yet
+LINK_DECAY = 0.9  # per draft call: the link estimate follows the network's recent calls
 
 
 def load_bucket(num_sampling: int) -> int:
@@ -52,8 +57,26 @@ class _Measured:
 
     ms: float = 0.0
     requests: float = 0.0  # the steps' sampling requests (a bucket spans several counts)
+    overlap: float = 0.0  # the steps' overlap tokens
     weight: float = 0.0
     steps: int = 0
+
+
+@dataclass
+class LinkEstimate:
+    """Milliseconds a draft call spends on the link, both ways: a decayed mean of the calls'."""
+
+    decay: float = LINK_DECAY
+    _ms: float = 0.0
+    _weight: float = 0.0
+
+    def learn(self, link_ms: float) -> None:
+        self._ms = self.decay * self._ms + link_ms
+        self._weight = self.decay * self._weight + 1
+
+    @property
+    def ms(self) -> float:
+        return self._ms / self._weight if self._weight else 0.0
 
 
 class StepCostModel:
@@ -72,18 +95,26 @@ class StepCostModel:
         self.draft_fit = OnlineLinearFit(prior=(curves.drafter(1), 0.0))  # a level: one 1-token forward
         per_token = curves.drafter(PREFILL_PRIOR_TOKENS) / PREFILL_PRIOR_TOKENS
         self.prefill_fit = OnlineLinearFit(prior=(per_token,))
+        self.link = LinkEstimate()
         self._measured: dict[tuple[int, BudgetKey], _Measured] = {}
 
-    def predicted_ms(self, b: float, key: BudgetKey) -> float:
-        """The fits' milliseconds of a decode step of ``b`` requests under ``key`` (no prefill)."""
+    def predicted_ms(self, b: float, key: BudgetKey, overlap_tokens: float = 0.0) -> float:
+        """The fits' milliseconds of a decode step of ``b`` requests under ``key`` (no prefill),
+        its draft call overlapping ``overlap_tokens`` of verification for other requests."""
         nodes, depth = key
         verify = self.verify_fit.predict((self.curves.verifier(b * (1 + nodes)), b, b * nodes))
-        return verify + (self.draft_fit.predict((depth, depth * b)) if nodes else 0.0)
+        if not nodes:
+            return verify
+        call = self.link.ms + self.draft_fit.predict((depth, depth * b))
+        hidden = 0.0  # the verifier's work for the other group while the call is out
+        if overlap_tokens:
+            hidden = self.verify_fit.predict((self.curves.verifier(overlap_tokens), 0, 0))
+        return verify + max(call - hidden, 0.0)
 
-    def step_ms(self, b: int, key: BudgetKey) -> float:
+    def step_ms(self, b: int, key: BudgetKey, overlap_tokens: int = 0) -> float:
         """:meth:`predicted_ms` corrected by how such steps ran at this load."""
         correction = self.correction(b, key)
-        return self.predicted_ms(b, key) * (1.0 if correction is None else correction)
+        return self.predicted_ms(b, key, overlap_tokens) * (1.0 if correction is None else correction)
 
     def prefill_ms(self, tokens: float) -> float:
         """What the drafter's prefill of ``tokens`` prompt tokens costs."""
@@ -97,7 +128,7 @@ class StepCostModel:
             other = self.candidates[j]
             m = self._measured.get((bucket, other))
             if bool(other[0]) == bool(key[0]) and m is not None and m.steps >= self.min_steps:
-                predicted = self.predicted_ms(m.requests / m.weight, other)
+                predicted = self.predicted_ms(m.requests / m.weight, other, m.overlap / m.weight)
                 return m.ms / m.weight / predicted if predicted > 0 else None
         return None
 
@@ -111,6 +142,7 @@ class StepCostModel:
         if report.load.decoding:
             self._learn_decode(b, key, report, timing)
         if key[1] and report.tree_nodes:
+            self.link.learn(timing.link_ms)
             self._learn_draft(b, key[1], report, timing)
 
     def _learn_decode(self, b: int, key: BudgetKey, report: StepReport, timing: StepTiming) -> None:
@@ -120,6 +152,7 @@ class StepCostModel:
             m = self._measured.setdefault((load_bucket(b), key), _Measured())
             m.ms = self.decay * m.ms + measured
             m.requests = self.decay * m.requests + b
+            m.overlap = self.decay * m.overlap + report.load.overlap_tokens
             m.weight = self.decay * m.weight + 1
             m.steps += 1
         features = (self.curves.verifier(report.verify_tokens), b, report.tree_nodes)
@@ -127,8 +160,9 @@ class StepCostModel:
 
     def _learn_draft(self, b: int, depth: int, report: StepReport, timing: StepTiming) -> None:
         levels = (depth, depth * b)
-        if report.drafter_prefill:  # what the levels leave of the step is the prefill's
-            rest = max(timing.draft_ms - self.draft_fit.predict(levels), 0.0)
+        drafter_ms = max(timing.call_ms - timing.link_ms, 0.0)  # the call off the link
+        if report.drafter_prefill:  # what the levels leave of the call is the prefill's
+            rest = max(drafter_ms - self.draft_fit.predict(levels), 0.0)
             self.prefill_fit.add((report.drafter_prefill,), rest, weight=relative(rest))
         else:
-            self.draft_fit.add(levels, timing.draft_ms, weight=relative(timing.draft_ms))
+            self.draft_fit.add(levels, drafter_ms, weight=relative(drafter_ms))

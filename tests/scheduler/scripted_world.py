@@ -22,6 +22,8 @@ class World:
     level_ms: Callable[[int], float]  # requests -> ms of one drafter level
     acceptance: float = 0.8  # P(a tree node is accepted | its parent was)
     prefill_ms_per_token: float = 0.0  # the drafter's prefill
+    link_ms: float = 0.0  # a draft call's time on the link to the drafter, both ways
+    overlap_tokens: int = 0  # pipelined: tokens verified for the other group while a call is out
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def accepted(self, depth: int) -> int:
@@ -38,22 +40,29 @@ class World:
         nodes = b * budget.max_nodes
         report = StepReport(
             outputs=(),
-            load=StepLoad(b, 0),
+            load=self.load(b),
             budget=budget,
             accepted=accepted,
             verify_tokens=b + nodes,
             tree_nodes=nodes,
             drafter_prefill=prefill_tokens if budget.max_nodes else 0,
         )
-        draft = budget.max_depth * self.level_ms(b) + self.prefill_ms_per_token * report.drafter_prefill
-        return report, StepTiming(draft_ms=draft, verify_ms=self.verify_ms(b, b + nodes))
+        call = budget.max_depth * self.level_ms(b) + self.prefill_ms_per_token * report.drafter_prefill
+        call += self.link_ms if budget.max_nodes else 0.0
+        hidden = min(call, self.verify_ms(0, self.overlap_tokens) if self.overlap_tokens else 0.0)
+        link = self.link_ms if budget.max_nodes else 0.0
+        return report, StepTiming(call - hidden, self.verify_ms(b, b + nodes), hidden, link)
+
+    def load(self, b: int) -> StepLoad:
+        """The load of a decode step of ``b`` requests in this world."""
+        return StepLoad(b, 0, overlap_tokens=self.overlap_tokens)
 
 
 def drive(policy: DraftPolicy, world: World, b: int, steps: int) -> list[DraftBudget]:
     """``steps`` decode steps of ``b`` requests: the budget the policy chose for each."""
     chosen = []
     for _ in range(steps):
-        budget = policy.choose(StepLoad(b, 0))
+        budget = policy.choose(world.load(b))
         chosen.append(budget)
         policy.learn(*world.step(b, budget))
     return chosen

@@ -171,3 +171,33 @@ def test_a_cold_start_at_high_load_reaches_what_a_server_warmed_through_lighter_
 def test_candidates_must_start_with_plain_decoding() -> None:
     with pytest.raises(ValueError, match="candidates must start with plain decoding"):
         load_aware(_steep(), candidates=((2, 2), (0, 0)))
+
+
+def _linked(link_ms: float, overlap_tokens: int = 0) -> World:
+    world = _as_curves_say(0.8)
+    world.link_ms, world.overlap_tokens = link_ms, overlap_tokens
+    return world
+
+
+def _settled_on(world: World, b: int) -> DraftBudget:
+    """What a policy settles on (it explores: a tree it gave up early gets measured again)."""
+    return settled(drive(load_aware(_steep()), world, b, 600)[-200:])
+
+
+def test_a_longer_link_round_trip_makes_trees_deeper() -> None:
+    """The round trip is paid once per call whatever the tree: the longer it is, the more tokens
+    a call must bring back to pay for it."""
+    near, far = _settled_on(_linked(0.0), 1), _settled_on(_linked(12.0), 1)
+    assert near.max_nodes and far.max_nodes
+    assert far.max_depth > near.max_depth
+
+
+def test_a_link_too_slow_for_drafting_to_pay_stops_it() -> None:
+    assert _settled_on(_linked(30.0), 1) == NO_DRAFT
+
+
+def test_pipelined_the_call_hides_behind_the_other_groups_verification() -> None:
+    """The same slow link, but the verifier works on the other group (80 tokens: 50 ms) while the
+    call is out: only what outlasts that is waited for, and drafting pays again."""
+    assert _settled_on(_linked(30.0), 1) == NO_DRAFT
+    assert _settled_on(_linked(30.0, overlap_tokens=80), 1).max_depth >= 4

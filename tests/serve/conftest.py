@@ -41,7 +41,9 @@ def oracle(folders: dict[str, Path]) -> Oracle:
 @dataclass(frozen=True)
 class RayApp:
     url: str  # http://127.0.0.1:<port>: Gateway + Engine (drafter inside the engine)
-    pool_url: str  # <url>/pool: Gateway + Engine + DrafterPool (the drafter as its own deployment)
+    # <url>/pool: Gateway + Engine + DrafterPool (the drafter as its own deployment, pipelined,
+    # across a link with a round trip and jitter)
+    pool_url: str
     keys: dict[str, str]  # user -> API key
     redis: LocalRedis  # the prefix-KV Redis both applications share
     settings: ServeSettings  # of the application at ``url``
@@ -57,7 +59,7 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     from serve.auth import add_key
     from serve.deployments import build_app
     from serve.local_redis import free_port
-    from serve.settings import DeploymentSettings
+    from serve.settings import DeploymentSettings, DrafterPoolSettings, LinkSettings
 
     keys_file = tmp_path_factory.mktemp("ray-keys") / "keys.yaml"
     keys = {u: add_key(keys_file, u, f"t-{u}", u) for u in ("alice", "bob")}
@@ -74,9 +76,10 @@ def ray_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings.model_dump(mode="json")), name="covspec", route_prefix="/")
-        pooled = settings.model_copy(  # load_aware: its calibration calls the pool while the engine starts
-            update={"drafter_pool": DeploymentSettings(num_cpus=0.5), "policy": "load_aware"}
-        )
+        link = LinkSettings(rtt_ms=2.0, jitter_ms=2.0)  # calls overtake each other
+        pool = DrafterPoolSettings(num_cpus=0.5, link=link, timeout_s=2.0)
+        # load_aware: its calibration calls the pool while the engine starts
+        pooled = settings.model_copy(update={"drafter_pool": pool, "policy": "load_aware"})
         serve.run(build_app(pooled.model_dump(mode="json")), name="covspec-pool", route_prefix="/pool")
         yield RayApp(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/pool", keys, redis, settings)
     finally:

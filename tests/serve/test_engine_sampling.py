@@ -11,11 +11,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from core.sampling import SamplingParams
-from serve.engine_builder import EngineOptions, build_engine
+from serve.engine_builder import BuiltEngine, EngineOptions, build_drafter, build_engine
+from serve.link import Link
+from serve.remote_drafter import DrafterPoolServer, RemoteDrafter
 from tests.serve.engine_helpers import Oracle
+from tests.serve.pool_helpers import PoolHandle
 
 TOP_K = 4
 REQUESTS = 1200
@@ -41,11 +45,25 @@ def exact_joint(oracle: Oracle, text: str) -> dict[tuple[int, int], float]:
     return joint
 
 
+def _pipelined(folders: dict[str, Path], oracle: Oracle, opts: EngineOptions) -> BuiltEngine:
+    """The drafter behind a jittery link, two groups in flight."""
+    tokenizer = oracle.processor.tokenizer
+    handle = PoolHandle(lambda: DrafterPoolServer(build_drafter(folders["noisy"], tokenizer, opts)))
+    remote = RemoteDrafter(handle, Link(rtt_ms=1.0, jitter_ms=1.0))
+    return build_engine(folders["target"], None, opts, remote_drafter=remote)
+
+
+@pytest.mark.parametrize("layout", ["in_engine", "pipelined_pool"])
 def test_speculative_sampling_matches_the_target_joint_distribution(
-    folders: dict[str, Path], oracle: Oracle
+    folders: dict[str, Path], oracle: Oracle, layout: str
 ) -> None:
     text = "tell me more about the colors"
-    built = build_engine(folders["target"], folders["noisy"], EngineOptions(policy="fixed", fixed_nodes=4))
+    opts = EngineOptions(policy="fixed", fixed_nodes=4)
+    if layout == "in_engine":
+        built = build_engine(folders["target"], folders["noisy"], opts)
+    else:
+        built = _pipelined(folders, oracle, opts)
+        assert built.engine.pipelined
     prompt = oracle.prompt(text, None, None)
     params = [
         SamplingParams(max_tokens=3, temperature=1.0, top_k=TOP_K, seed=seed, ignore_eos=True)

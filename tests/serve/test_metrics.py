@@ -18,25 +18,33 @@ from tests.serve.conftest import Recorded
 def test_finished_request_feeds_latency_tau_and_speculation_counters(recorded: dict[str, Recorded]) -> None:
     m = EngineMetrics()
     stats = RequestStats(
-        prompt_tokens=100, output_tokens=11, verify_steps=4, draft_tokens=20, accepted_tokens=7
-    )
+        prompt_tokens=100, output_tokens=11, verify_steps=4, draft_tokens=20, accepted_tokens=7,
+        link_bytes_up=900, link_bytes_down=300,
+    )  # fmt: skip
     m.finished(Completion(1, tuple(range(11)), "x", "stop", stats, ttft_s=0.2, time_s=1.2))
     assert recorded["covspec_ttft_seconds"].values == [(0.2, {})]
     assert recorded["covspec_tpot_seconds"].values == [(pytest.approx(0.1), {})]
     assert recorded["covspec_tau"].values == [(2.75, {})]
     assert recorded["covspec_spec_draft_tokens"].values == [(20, {})]
     assert recorded["covspec_spec_accepted_tokens"].values == [(7, {})]
+    assert recorded["covspec_link_bytes"].values == [(900, {"direction": "up"}), (300, {"direction": "down"})]
 
 
 def test_samples_turn_running_sums_into_means_and_increments(recorded: dict[str, Recorded]) -> None:
     m = EngineMetrics()
     snapshot = EngineSnapshot(
         waiting=2, running=1, kv_used=0.25, drafter_kv_used=0.5,
-        totals=StepTotals(steps=4, batch_requests=12, verify_tokens=400, drafter_dropped=1),
+        totals=StepTotals(
+            steps=4, batch_requests=12, verify_tokens=400, drafter_dropped=1,
+            undrafted_steps=2, draft_wait_ms=30.5, draft_hidden_ms=70.0,
+        ),
     )  # fmt: skip
     adapters = SimpleNamespace(stats=SimpleNamespace(loads=3, evictions=1))
     m.sample(snapshot, adapters)
-    later = StepTotals(steps=6, batch_requests=22, verify_tokens=500, drafter_dropped=4)
+    later = StepTotals(
+        steps=6, batch_requests=22, verify_tokens=500, drafter_dropped=4,
+        undrafted_steps=2, draft_wait_ms=41.0, draft_hidden_ms=100.0,
+    )  # fmt: skip
     adapters.stats.loads = 5
     m.sample(EngineSnapshot(waiting=2, running=1, kv_used=0.25, totals=later), adapters)
     assert recorded["covspec_verifier_batch_requests"].values == [(3.0, {}), (5.0, {})]
@@ -47,6 +55,9 @@ def test_samples_turn_running_sums_into_means_and_increments(recorded: dict[str,
     assert recorded["covspec_drafter_kv_dropped"].values == [(1, {}), (3, {})]
     assert recorded["covspec_adapter_loads"].values == [(3, {}), (2, {})]
     assert recorded["covspec_adapter_evictions"].values == [(1, {})]
+    assert recorded["covspec_drafter_unanswered_steps"].values == [(2, {})]
+    assert recorded["covspec_draft_wait_ms"].values == [(30, {}), (11, {})]
+    assert recorded["covspec_draft_hidden_ms"].values == [(70, {}), (30, {})]
 
 
 def test_gateway_counts_requests_by_status_and_tenant(recorded: dict[str, Recorded]) -> None:

@@ -1,40 +1,31 @@
-"""The drafter behind a call boundary (the DrafterPool deployment's wire protocol, without Ray):
-outputs stay the target's, prompts cross once per request, releases ride along, KV is freed."""
+"""The drafter behind a link (the DrafterPool deployment's wire protocol, without Ray): outputs
+stay the target's, pipelined or in lockstep, under link delays and jitter, with mixed adapters,
+aborts, a pool that dies or restarts mid-request; prompts cross once, bytes are counted, and
+every KV block comes back."""
 
 from __future__ import annotations
 
+import pickle
+import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
+from core.plan import Completion
+from core.prompt import Prompt
 from core.sampling import SamplingParams
 from models.tiny.samples import EVAL_SEED_START, make_sample
-from serve.engine_builder import EngineOptions, build_drafter, build_engine
-from serve.remote_drafter import DraftCall, DrafterPoolServer, RemoteDrafter
+from scheduler.engine import DrafterHealth, Engine
+from serve.engine_builder import BuiltEngine, EngineOptions, build_drafter, build_engine
+from serve.link import Link
+from serve.remote_drafter import DraftCall, DrafterPoolServer, RemoteDrafter, pack
 from tests.serve.engine_helpers import Oracle, run_checked
+from tests.serve.pool_helpers import PoolHandle
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
-
-
-class DirectHandle:
-    """A stand-in for a Ray deployment handle: ``handle.method.remote(...).result()`` calls the
-    server directly, and counts the draft requests and the prompts that crossed."""
-
-    def __init__(self, server: DrafterPoolServer) -> None:
-        self.server, self.prompts_sent, self.drafts_sent = server, 0, 0
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.server, name)
-
-        def remote(*args: Any) -> Any:
-            if name == "propose":
-                self.drafts_sent += len(args[2])
-                self.prompts_sent += sum(c.prompt is not None for c in args[2])
-            return SimpleNamespace(result=lambda: method(*args))
-
-        return SimpleNamespace(remote=remote)
+USERS = ["bob", None, "dave", "bob", None, "dave"]
+JITTERY = Link(rtt_ms=4.0, jitter_ms=3.0, bandwidth_mbps=50.0)  # messages overtake each other
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +33,140 @@ def oracle() -> Oracle:
     return Oracle(CHECKPOINTS / "tiny-target")
 
 
-def test_remote_drafter_keeps_outputs_and_sends_each_prompt_once(oracle: Oracle) -> None:
+def _remote(oracle: Oracle, pipeline: bool = True, link: Link = JITTERY) -> tuple[BuiltEngine, PoolHandle]:
     adapters = tuple((u, CHECKPOINTS / "adapters" / u) for u in ("bob", "dave"))
-    opts = EngineOptions(policy="fixed", fixed_nodes=6, adapters=adapters)
+    opts = EngineOptions(policy="fixed", fixed_nodes=6, adapters=adapters, pipeline=pipeline)
     tokenizer = oracle.processor.tokenizer
-    server = DrafterPoolServer(build_drafter(CHECKPOINTS / "tiny-drafter", tokenizer, opts))
-    handle = DirectHandle(server)
-    built = build_engine(CHECKPOINTS / "tiny-target", None, opts, remote_drafter=RemoteDrafter(handle))
-    samples = [make_sample(EVAL_SEED_START + 960 + i, ("bob", None, "dave")[i % 3]) for i in range(6)]
+    handle = PoolHandle(
+        lambda: DrafterPoolServer(build_drafter(CHECKPOINTS / "tiny-drafter", tokenizer, opts))
+    )
+    built = build_engine(CHECKPOINTS / "tiny-target", None, opts, remote_drafter=RemoteDrafter(handle, link))
+    built.engine.health = DrafterHealth(backoff_s=(0.02, 0.1))
+    return built, handle
+
+
+def _cases(oracle: Oracle, count: int, offset: int) -> tuple[list[Prompt], list[list[int]]]:
+    samples = [make_sample(EVAL_SEED_START + offset + i, USERS[i % 6]) for i in range(count)]
     prompts = [oracle.prompt(s.question.text, s.image(), s.system) for s in samples]
-    users = ["bob", None, "dave", "bob", None, "dave"]
-    outs = run_checked(built.engine, prompts, [SamplingParams(max_tokens=32)] * 6, adapters=users)
-    for out, s in zip(outs, samples, strict=True):
-        assert out.token_ids == tuple(oracle.greedy(s.question.text, s.image(), s.system, 32))
-    assert sum(o.stats.accepted_tokens for o in outs) > 0
-    assert handle.prompts_sent == 6 and handle.drafts_sent > 6  # once per request, not per step
-    built.engine.drafter.check_integrity()  # type: ignore[union-attr]  (flushes the last releases)
+    expected = [oracle.greedy(s.question.text, s.image(), s.system, 32) for s in samples]
+    return prompts, expected
+
+
+def _pool_is_empty(built: BuiltEngine, handle: PoolHandle) -> None:
+    assert built.engine.drafter is not None
+    built.engine.drafter.check_integrity()  # flushes the last releases
+    server = handle.server
     assert server.pool.num_free_blocks == server.pool.pool.num_blocks and not server._local
 
 
-def test_a_request_unknown_to_the_pool_without_its_prompt_is_refused() -> None:
-    server = DrafterPoolServer(pool=SimpleNamespace())
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "lockstep"])
+def test_outputs_are_the_targets_across_a_jittery_link_with_mixed_adapters(
+    oracle: Oracle, pipeline: bool
+) -> None:
+    built, handle = _remote(oracle, pipeline)
+    assert built.engine.pipelined is pipeline
+    prompts, expected = _cases(oracle, 6, 960)
+    outs = run_checked(built.engine, prompts, [SamplingParams(max_tokens=32)] * 6, adapters=USERS)
+    assert [list(o.token_ids) for o in outs] == expected
+    assert sum(o.stats.accepted_tokens for o in outs) > 0
+    assert handle.prompts_sent == 6 and handle.drafts_sent > 6  # once per request, not per step
+    totals = built.engine.snapshot.totals
+    if pipeline:  # one group's call was out while the other group was verified
+        assert totals.draft_hidden_ms > 0
+    _pool_is_empty(built, handle)
+
+
+def test_link_bytes_are_counted_per_request_both_ways(oracle: Oracle) -> None:
+    built, handle = _remote(oracle)
+    prompts, expected = _cases(oracle, 4, 970)
+    outs = run_checked(built.engine, prompts, [SamplingParams(max_tokens=32)] * 4, adapters=USERS[:4])
+    assert [list(o.token_ids) for o in outs] == expected
+    assert sum(o.stats.link_bytes_up for o in outs) == handle.bytes_up
+    assert sum(o.stats.link_bytes_down for o in outs) == handle.bytes_down
+    for out, prompt in zip(outs, prompts, strict=True):
+        assert out.stats.link_bytes_up > len(pack(prompt))  # the prompt crossed, with its image
+        assert out.stats.link_bytes_down > 0
+
+
+def _step_until(engine: Engine, done: dict[int, Completion], ids: list[int], steps: int) -> None:
+    for _ in range(steps):
+        for out in engine.step():
+            if out.completion is not None:
+                done[out.request_id] = out.completion
+        engine.scheduler.check_integrity()
+    assert len(done) < len(ids), "the requests finished before the fault"
+
+
+def test_aborts_while_their_trees_are_on_the_way_free_everything(oracle: Oracle) -> None:
+    built, handle = _remote(oracle)
+    engine = built.engine
+    prompts, expected = _cases(oracle, 6, 980)
+    params = SamplingParams(max_tokens=32)
+    ids = [engine.add_request(p, params, adapter=u) for p, u in zip(prompts, USERS, strict=True)]
+    done: dict[int, Completion] = {}
+    _step_until(engine, done, ids, 6)
+    assert engine._flights, "no draft call was out to abort under"
+    aborted = {ids[1], ids[4]}
+    for rid in aborted:
+        engine.abort(rid)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.completion is not None:
+                done[out.request_id] = out.completion
+        engine.scheduler.check_integrity()
+    for rid, want in zip(ids, expected, strict=True):
+        if rid not in aborted:
+            assert list(done[rid].token_ids) == want
+    _pool_is_empty(built, handle)
+
+
+@pytest.mark.parametrize("fault", ["dies", "restarts"])
+def test_a_drafter_pool_fault_costs_speculation_not_requests(oracle: Oracle, fault: str) -> None:
+    """While the pool is gone the engine decodes plainly (counted); once it is back (a fresh pool
+    that knows no request) the prompts go again and drafting resumes; outputs never change."""
+    built, handle = _remote(oracle)
+    engine = built.engine
+    prompts, expected = _cases(oracle, 6, 990)
+    params = SamplingParams(max_tokens=32)
+    ids = [engine.add_request(p, params, adapter=u) for p, u in zip(prompts, USERS, strict=True)]
+    done: dict[int, Completion] = {}
+    _step_until(engine, done, ids, 5)
+    handle.down = fault == "dies"
+    handle.restart()
+    if handle.down:
+        _step_until(engine, done, ids, 4)
+        assert engine.snapshot.totals.undrafted_steps > 0 and engine.health.failures > 0
+        time.sleep(0.15)  # past the backoff
+        handle.down = False
+    accepted_before = sum(engine.scheduler.get(i).accepted_tokens for i in ids if i not in done)  # type: ignore[union-attr]
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.completion is not None:
+                done[out.request_id] = out.completion
+        engine.scheduler.check_integrity()
+    assert [list(done[i].token_ids) for i in ids] == expected
+    assert handle.server._next > 0, "the new pool never got the prompts again"
+    accepted_after = sum(done[i].stats.accepted_tokens for i in ids)
+    assert accepted_after > accepted_before, "drafting did not resume"
+    _pool_is_empty(built, handle)
+
+
+def test_a_draft_call_not_answered_in_time_is_decoded_plainly(oracle: Oracle) -> None:
+    built, _ = _remote(oracle, link=Link(rtt_ms=400.0))
+    engine = built.engine
+    engine.draft_timeout_s = 0.05
+    prompts, expected = _cases(oracle, 2, 1000)
+    outs = engine.generate(prompts[:1], SamplingParams(max_tokens=8))
+    assert list(outs[0].token_ids) == expected[0][:8]
+    assert engine.snapshot.totals.undrafted_steps > 0 and outs[0].stats.accepted_tokens == 0
+
+
+def test_a_request_unknown_to_the_pool_without_its_prompt_gets_an_empty_tree_and_is_named() -> None:
+    """What a restarted pool answers: the engine sends those prompts again with its next call."""
+    pool = SimpleNamespace(propose=lambda requests: [], kv_used=lambda: 0.0)
+    server = DrafterPoolServer(pool=pool)
     call = DraftCall(3, None, (1,), None, SamplingParams(), None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="without its prompt first"):
-        server.propose("engine-a", [], [call])
+    reply = server.propose("engine-a", [], [pack(call)])
+    assert reply.unknown == (3,)
+    (tree,) = [pickle.loads(p) for p in reply.proposals]
+    assert tree.request_id == 3 and tree.dropped and tree.tree.num_nodes == 0

@@ -25,6 +25,23 @@ def test_local_config_finds_the_four_demo_adapters() -> None:
     assert settings.keys_file.is_file() and settings.target.is_absolute()
 
 
+def test_local_config_runs_the_drafter_pool_as_its_own_deployment_pipelined() -> None:
+    settings = ServeSettings.model_validate(app_args(DEPLOY / "local.yaml"))
+    assert settings.drafter_pool is not None and settings.pipeline
+    assert settings.drafter_pool.link.model().idle  # one machine: no modelled network
+    cpus = settings.engine.num_cpus + settings.drafter_pool.num_cpus + settings.gateway.num_cpus
+    assert cpus <= 2  # fits the two cores of the smallest machine it is demoed on
+
+
+def test_a_link_is_configured_under_the_drafter_pool() -> None:
+    pool = {"link": {"rtt_ms": 20, "jitter_ms": 5, "bandwidth_mbps": 10}, "timeout_s": 2}
+    settings = ServeSettings.model_validate({"drafter_pool": pool})
+    assert settings.drafter_pool is not None
+    link = settings.drafter_pool.link.model()
+    assert (link.rtt_ms, link.jitter_ms, link.bandwidth_mbps) == (20, 5, 10)
+    assert settings.drafter_pool.timeout_s == 2
+
+
 def test_cluster_engine_autoscales_on_gpus() -> None:
     options = ServeSettings.model_validate(app_args(DEPLOY / "cluster.yaml")).engine.serve_options()
     assert "num_replicas" not in options
@@ -58,6 +75,10 @@ def test_replicas_that_ask_for_a_gpu_run_their_models_on_it() -> None:
         ({"polcy": "none"}, "polcy"),
         ({"prefix_cache": {"redis_url": "localhost:6379"}}, "must start with redis://"),
         ({"prefix_cache": {"public_system_prompt": []}}, "prefix_cache.public_system_prompt"),
+        ({"drafter_pool": {"link": {"rtt_ms": -1}}}, "drafter_pool.link.rtt_ms"),
+        ({"drafter_pool": {"link": {"bandwidth_mbps": 0}}}, "drafter_pool.link.bandwidth_mbps"),
+        ({"drafter_pool": {"link": {"latency_ms": 3}}}, "drafter_pool.link.latency_ms"),
+        ({"pipeline": "sometimes"}, "pipeline"),
     ],
 )
 def test_mistakes_are_refused_with_their_path(args: dict[str, object], where: str) -> None:
