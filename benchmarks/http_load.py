@@ -1,14 +1,15 @@
 """The served system under load, through HTTP with Locust: concurrency 1..32, speculation on/off.
 
-For each setting (speculation with the drafter in the engine, with the drafter as its own
-DrafterPool deployment, and no speculation) the service is started with ``covspec serve`` (Ray
+For each setting (``deploy/local.yaml`` as shipped: the DrafterPool deployment, pipelined; the
+same in lockstep; the drafter inside the engine; no speculation) the service is started with
+``covspec serve`` (Ray
 Serve, shipped tiny models, the demo keys: the four users' adapters in the mix), then for each
 concurrency C a headless Locust run with C users (no think time beyond Locust's 0.1-0.5 s)
 streams ShapesWorld answers for ``--seconds``. Requests/s, TTFT / TPOT / end-to-end P50 and P99,
 tokens/s and τ come from Locust's CSV. Locust shares this machine's cores with the server: on 2
 cores the client's own work is part of what is measured, so read the settings against each other.
 
-    .venv/bin/python -m benchmarks.http_load [--seconds 30] [--levels 1 2 4 8 16 32]
+    .venv/bin/python -m benchmarks.http_load [--seconds 30] [--levels 1 2 4 8 16 32] [--stem http_load]
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from serve.local_redis import free_port
 
 KEYS = "sk-demo-alice,sk-demo-bob,sk-demo-carol,sk-demo-dave"
 SETTINGS: dict[str, dict[str, Any]] = {
-    "spec": {},  # the drafter inside the engine replica
-    "spec_drafter_pool": {"drafter_pool": {"num_cpus": 0.5}},  # the drafter as its own deployment
-    "no_spec": {"drafter": None, "policy": "none"},
+    "pool_pipelined": {},  # deploy/local.yaml as shipped: the DrafterPool deployment, pipelined
+    "pool_lockstep": {"pipeline": False},
+    "in_engine": {"drafter_pool": None},  # the drafter inside the engine replica
+    "no_spec": {"drafter": None, "policy": "none", "drafter_pool": None},
 }
 
 
@@ -87,6 +89,7 @@ def main() -> None:
     p = harness.parser(__doc__)
     p.add_argument("--seconds", type=int, default=30)
     p.add_argument("--levels", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--stem", default="http_load", help="file name of the results in --out")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
     result: dict[str, Any] = {
@@ -107,7 +110,7 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=120)
-    harness.write_report(args.out / "http_load", result, report(result))
+    harness.write_report(args.out / args.stem, result, report(result))
 
 
 def report(result: dict[str, Any]) -> harness.Report:

@@ -28,10 +28,21 @@ class StepLoad:
     # tokens the verifier forwards for other requests while this step's trees are drafted (the
     # other group's step when drafting is pipelined; 0 in lockstep, where the verifier waits)
     overlap_tokens: int = 0
+    # the groups this step's requests are verified in, one after another, if they get trees
+    # (pipelined: each group's trees drafted while the one before it is verified); without
+    # trees they are verified together
+    split: int = 1
+    # sampling requests of other groups, in steps on their way: without trees this step's
+    # requests are verified together with them (the engine plans everyone together again)
+    num_peers: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.num_sampling, self.prefill_tokens, self.num_joining, self.overlap_tokens) < 0:
+        if min(self.num_sampling, self.prefill_tokens, self.num_joining, self.overlap_tokens) < 0 or (
+            self.num_peers < 0
+        ):
             raise ValueError(f"a step load counts tokens and requests, got {self}")
+        if self.split < 1:
+            raise ValueError(f"a step is verified in at least one group, got split {self.split}")
 
     @property
     def decoding(self) -> bool:
@@ -56,6 +67,13 @@ class StepPlan:
     def num_tokens(self) -> int:
         """Tokens the verifier forwards for this plan: items and their trees' nodes."""
         return sum(len(i.token_ids) for i in self.items) + sum(d.budget.max_nodes for d in self.drafts)
+
+    def load_of_items(self, drafter_kv_used: float, overlap_tokens: int) -> StepLoad:
+        """The load of this plan's own items (a group's part of a plan made for several)."""
+        sampling = sum(i.emits for i in self.items)
+        tokens = sum(len(i.token_ids) for i in self.items)
+        joining = len(self.items) - sampling
+        return StepLoad(sampling, tokens - sampling, drafter_kv_used, joining, overlap_tokens)
 
     def keep(self, request_ids: set[int]) -> StepPlan:
         """This plan without the requests not in ``request_ids`` (aborted since it was made)."""

@@ -41,6 +41,7 @@ IDLE_WAIT_S = 0.05  # with only Redis lookups pending, how long a step waits for
 DRAFT_TIMEOUT_S = 5.0  # a draft call not answered by then is given up: the step decodes plainly
 RETRY_AFTER_S = (0.5, 8.0)  # backoff before asking a failed drafter again: first, longest
 NOTHING_TO_DRAFT = Answered(Drafted((), call_ms=0.0))
+ALL = -1  # the key of a step planned for every group together
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class _Clock:
 class _Flight:
     """A group's planned step whose draft call is out."""
 
-    group: int
+    group: int  # ``ALL`` for a step of every group
     plan: StepPlan
     pending: PendingDraft
     sent_s: float  # perf_counter when the call was handed off (after ``submit`` returned)
@@ -207,21 +208,36 @@ class Engine:
         return out.completion
 
     def _send_drafts(self) -> None:
-        """Plan every group without a step on its way and send its draft call: in lockstep the
-        one group, pipelined the group just verified (its trees draft while the other group's
-        are verified) and any group that had nothing to run."""
-        for group in range(self.scheduler.config.groups):
-            if group in self._flights:
-                continue
-            overlap = sum(f.plan.num_tokens for f in self._flights.values())
-            draft = self.drafter is not None and self.health.available()
-            plan = self.scheduler.schedule(group, draft=draft, overlap_tokens=overlap)
-            if plan.empty:
-                continue
-            pending: PendingDraft = NOTHING_TO_DRAFT
-            if plan.drafts and self.drafter is not None:
-                pending = self.drafter.submit(plan.drafts)
-            self._flights[group] = _Flight(group, plan, pending, time.perf_counter())
+        """Plan the next steps and send their draft calls. With nothing on its way, every
+        request is planned together: without trees (or in lockstep) that is one step; with
+        trees, pipelined, it goes out as one step per group, each group's call its own. While
+        calls are out, each group verified since is planned again at once, so its call overlaps
+        the other groups' verification; once the policy stops drafting, the steps on their way
+        are verified and everyone is planned together again."""
+        draft = self.drafter is not None and self.health.available()
+        groups = self.scheduler.config.groups
+        if not self._flights:
+            plan = self.scheduler.schedule(None, draft=draft, split=groups if draft else 1)
+            parts = self.scheduler.split(plan) if plan.drafts and groups > 1 else {ALL: plan}
+            for group, part in parts.items():
+                self._send(group, part)
+            return
+        if not any(f.plan.drafts for f in self._flights.values()):
+            return  # no call to overlap: verify what is on its way, then plan everyone together
+        for group in range(groups):
+            if group not in self._flights:
+                overlap = sum(f.plan.num_tokens for f in self._flights.values())
+                peers = sum(f.plan.load.num_sampling for f in self._flights.values())
+                plan = self.scheduler.schedule(group, draft=draft, overlap_tokens=overlap, peers=peers)
+                self._send(group, plan)
+
+    def _send(self, group: int, plan: StepPlan) -> None:
+        if plan.empty:
+            return
+        pending: PendingDraft = NOTHING_TO_DRAFT
+        if plan.drafts and self.drafter is not None:
+            pending = self.drafter.submit(plan.drafts)
+        self._flights[group] = _Flight(group, plan, pending, time.perf_counter())
 
     def _trees(self, plan: StepPlan, flight: _Flight) -> tuple[StepPlan, _Clock]:
         """``plan`` (``flight``'s, less aborted requests) with its trees once they came; without

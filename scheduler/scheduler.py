@@ -14,6 +14,7 @@ and :class:`OutputProcessor` (kept tokens, text, finish reasons). ``schedule`` r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -103,16 +104,25 @@ class Scheduler:
 
     # -- the step -------------------------------------------------------------------------
 
-    def schedule(self, group: int = 0, draft: bool = True, overlap_tokens: int = 0) -> StepPlan:
-        """``group``'s step: its running requests first (oldest first) with their trees, then
-        its admissions with what is left of the token budget; a tree is only drafted for an item
-        that samples, and none without ``draft`` (no drafter to ask). The budget carries the
-        policy's r unless the request pinned its own; the drafter applies it when it builds the
-        request's KV. ``overlap_tokens``: what the verifier forwards for other groups while this
-        plan's trees are drafted."""
+    def schedule(
+        self,
+        group: int | None = None,
+        draft: bool = True,
+        overlap_tokens: int = 0,
+        split: int = 1,
+        peers: int = 0,
+    ) -> StepPlan:
+        """A step of ``group`` (None: of every group): its running requests first (oldest first)
+        with their trees, then its admissions with what is left of the token budget; a tree is
+        only drafted for an item that samples, and none without ``draft`` (no drafter to ask).
+        The budget carries the policy's r unless the request pinned its own; the drafter applies
+        it when it builds the request's KV. ``overlap_tokens``: what the verifier forwards for
+        other groups while this plan's trees are drafted; ``split``: the groups the plan is
+        verified in if it drafts (see :meth:`split`); ``peers``: the other groups' sampling
+        requests (see :class:`core.plan.StepLoad`)."""
         running, tokens_left = self._schedule_running(group)
         sampling = [(r, n) for r, n in running if n == r.num_missing]
-        load = self._load(group, running, sampling, tokens_left, overlap_tokens)
+        load = self._load(group, running, sampling, tokens_left, overlap_tokens, split, peers)
         budget = self.policy.decide(load) if draft else NO_DRAFT
         drafts, tokens_left = self.drafts.attach(sampling, budget, tokens_left)
         admitted, tokens_left = self._admit(group, tokens_left)
@@ -120,6 +130,20 @@ class Scheduler:
         more, tokens_left = self.drafts.attach(joined, budget, tokens_left)
         items = tuple(self._item(req, n) for req, n in running + admitted)
         return StepPlan(items, tuple(drafts + more), load, budget)
+
+    def split(self, plan: StepPlan) -> dict[int, StepPlan]:
+        """``plan`` as one plan per group it holds, each with its own load: the verifier forwards
+        the other groups' tokens while a group's trees are drafted."""
+        members: dict[int, set[int]] = {}
+        for item in plan.items:
+            members.setdefault(self.queue.requests[item.request_id].group, set()).add(item.request_id)
+        parts = {g: plan.keep(ids) for g, ids in sorted(members.items())}
+        total = sum(p.num_tokens for p in parts.values())
+        kv = plan.load.drafter_kv_used
+        return {
+            g: dataclasses.replace(p, load=p.load_of_items(kv, total - p.num_tokens))
+            for g, p in parts.items()
+        }
 
     def current(self, plan: StepPlan) -> StepPlan:
         """``plan`` without the requests that ended since it was made (aborted)."""
@@ -165,10 +189,10 @@ class Scheduler:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _schedule_running(self, group: int) -> tuple[Scheduled, int]:
+    def _schedule_running(self, group: int | None) -> tuple[Scheduled, int]:
         chosen: Scheduled = []
         tokens_left = self.config.max_batch_tokens
-        for req in [r for r in self.queue.running if r.group == group]:
+        for req in [r for r in self.queue.running if group in (None, r.group)]:
             if req.status is not Status.RUNNING or tokens_left == 0:  # preempted by an older one
                 continue
             n = min(req.num_missing, tokens_left)
@@ -178,23 +202,31 @@ class Scheduler:
         return chosen, tokens_left
 
     def _load(
-        self, group: int, running: Scheduled, sampling: Scheduled, tokens_left: int, overlap_tokens: int
+        self,
+        group: int | None,
+        running: Scheduled,
+        sampling: Scheduled,
+        tokens_left: int,
+        overlap_tokens: int,
+        split: int,
+        peers: int,
     ) -> StepLoad:
         """The step's load as the policy sees it: who samples, the prompt tokens beside them
         (running chunks and what admissions can take), and who will sample soon."""
-        waiting = [r for r in self.queue.waiting if r.group == group]
+        waiting = [r for r in self.queue.waiting if group in (None, r.group)]
         prefill = (
             sum(n for _, n in running) - len(sampling) + min(sum(r.num_missing for r in waiting), tokens_left)
         )
         room = max(self.config.max_running - len(self.queue.running), 0)
-        members = sum(r.group == group for r in self.queue.running)
+        members = sum(group in (None, r.group) for r in self.queue.running)
         joining = members - len(sampling) + min(len(waiting), room)
-        return StepLoad(len(sampling), prefill, self.drafter_kv_used(), joining, overlap_tokens)
+        kv = self.drafter_kv_used()
+        return StepLoad(len(sampling), prefill, kv, joining, overlap_tokens, split, peers)
 
-    def _admit(self, group: int, tokens_left: int) -> tuple[Scheduled, int]:
+    def _admit(self, group: int | None, tokens_left: int) -> tuple[Scheduled, int]:
         """Oldest waiting first, each from its cached prefix; one still fetching is passed over."""
         chosen: Scheduled = []
-        for req in [r for r in self.queue.waiting if r.group == group]:
+        for req in [r for r in self.queue.waiting if group in (None, r.group)]:
             if tokens_left <= 0 or len(self.queue.running) >= self.config.max_running:
                 break
             blocks = self.admission.start(req)

@@ -37,6 +37,7 @@ from scheduler.cost import CostCurve
 from serve.link import NO_LINK, Link
 
 LINK_THREADS = 4  # calls out at once: one per pipeline group, and room for a slow one
+RELEASE_BATCH = 16  # releases that go in a call of their own when no draft call takes them
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,24 @@ class RemoteDrafter:
         return Drafted(proposals, 1000 * (time.perf_counter() - start), 1000 * on_link)
 
     def release(self, request_id: int) -> None:
+        """Told with the next draft call; while the policy drafts nothing, every
+        ``RELEASE_BATCH`` releases go in a call of their own, so the pool frees their KV."""
         with self._lock:
             if request_id in self._sent or request_id in self._in_flight:
                 self._sent.discard(request_id)
                 self._releases.add(request_id)
+            releases = self._take_releases() if len(self._releases) >= RELEASE_BATCH else []
+            rng = random.Random(self._rng.getrandbits(64))
+        if releases:
+            self._threads.submit(self._release_only, releases, rng)
+
+    def _release_only(self, releases: list[int], rng: random.Random) -> None:
+        try:
+            self.link.carry(len(pack(releases)), rng)
+            self.handle.propose.remote(self.engine_id, releases, []).result(timeout_s=self.timeout_s)
+        except Exception:  # told with a later call instead
+            with self._lock:
+                self._releases.update(releases)
 
     def has_adapter(self, name: str) -> bool:
         """Whether the pool has ``name``; True while the pool cannot be asked (the gateway let

@@ -31,6 +31,7 @@ from scheduler.policy.tau import TauEstimator
 # the drafter hesitates, a tree accepts more than a chain of the same nodes; the small ones are
 # as deep as their nodes, so a single user's trees can climb out of (2, 2) one step at a time.
 CANDIDATES: tuple[BudgetKey, ...] = ((0, 0), (2, 2), (4, 4), (6, 4), (8, 5), (12, 6), (16, 8))
+LOCKSTEP = StepLoad(0, 0)  # a step that is neither split nor beside other groups' steps
 PROMPT_RATIO_DECAY = 0.98  # per step: R follows the prompts and answers users send now
 
 
@@ -65,21 +66,42 @@ class LoadAwareDraft:
 
     def choose(self, load: StepLoad) -> DraftBudget:
         b = max(load.num_sampling + (load.num_joining if load.prefill_tokens else 0), 1)
-        rates = {key: self.rate(b, key, load.overlap_tokens) for key in self.candidates}
+        rates = {key: self.rate(b, key, load) for key in self.candidates}
         best = max(rates, key=rates.__getitem__)
         if load.decoding:
             best = self.exploration.pick(
-                self.decode_steps + 1, best, rates, lambda key: self.cost.measured_steps(b, key)
+                self.decode_steps + 1,
+                best,
+                rates,
+                lambda key: self.cost.measured_steps(self.step_size(b, key, load), key),
             )
         return budget_of(best)
 
-    def rate(self, b: int, key: BudgetKey, overlap_tokens: int = 0) -> float:
-        """Expected tokens per millisecond of ``b`` decoding requests under ``key``, their draft
-        call overlapping ``overlap_tokens`` of verification for others."""
+    @staticmethod
+    def step_size(b: int, key: BudgetKey, load: StepLoad) -> int:
+        """The requests a step under ``key`` verifies when ``b`` of them decode at ``load``: a
+        group's with trees (pipelined), everyone's without."""
+        if not key[0]:
+            return b + load.num_peers
+        return -(-b // load.split)
+
+    def rate(self, b: int, key: BudgetKey, load: StepLoad = LOCKSTEP) -> float:
+        """Expected tokens per millisecond of ``b`` decoding requests under ``key`` at ``load``.
+
+        Pipelined, trees and plain decoding run differently. With trees, a step verifies one
+        group while the next group's call is out (``load.overlap_tokens``; a plan made for
+        ``load.split`` groups takes one step per group, each hiding behind the one before).
+        Without trees there is no call to hide: every group's requests (``load.num_peers``
+        more) are verified in one step."""
+        size = self.step_size(b, key, load)
+        if not key[0]:
+            return size / max(self.cost.step_ms(size, key), 1e-6)
         tau = self.tau.tau(key)
-        ms = self.cost.step_ms(b, key, overlap_tokens)
-        if key[0]:
-            ms += self.cost.prefill_ms(self.prompts.value * tau * b)
+        if load.split > 1:
+            ms = load.split * self.cost.step_ms(size, key, size * (1 + key[0]))
+        else:
+            ms = self.cost.step_ms(b, key, load.overlap_tokens)
+        ms += self.cost.prefill_ms(self.prompts.value * tau * b)
         return b * tau / max(ms, 1e-6)
 
     def learn(self, report: StepReport, timing: StepTiming) -> None:

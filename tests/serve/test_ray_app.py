@@ -11,7 +11,7 @@ import pytest
 from models.tiny.samples import EVAL_SEED_START, make_sample
 from tests.serve.conftest import RayApp
 from tests.serve.engine_helpers import Oracle
-from tests.serve.http_helpers import chat_messages, data_url, expected_text
+from tests.serve.http_helpers import TEXT, chat_messages, data_url, expected_text, user_message
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
@@ -124,6 +124,47 @@ def test_a_killed_drafter_pool_replica_costs_no_request_and_drafting_resumes(
             return
         time.sleep(1)
     raise AssertionError("the engine never drafted again after the pool came back")
+
+
+def test_ray_app_refuses_bad_requests_and_stays_healthy(ray_app: RayApp) -> None:
+    def post(body: object, key: str) -> httpx.Response:
+        headers = {"authorization": f"Bearer {key}"}
+        return httpx.post(f"{ray_app.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+    assert post(user_message(TEXT), "sk-wrong").status_code == 401
+    assert post({**user_message(TEXT), "n": 2}, ray_app.keys["bob"]).status_code == 400
+    assert post({**user_message(TEXT), "model": "alice"}, ray_app.keys["bob"]).status_code == 404
+    assert post({**user_message(TEXT), "max_tokens": 100_000}, ray_app.keys["bob"]).status_code == 400
+    assert httpx.get(f"{ray_app.url}/health", timeout=30).status_code == 200
+    models = httpx.get(
+        f"{ray_app.url}/v1/models", headers={"authorization": f"Bearer {ray_app.keys['alice']}"}
+    )
+    assert [m["id"] for m in models.json()["data"]] == ["tiny-target", "alice"]
+
+
+def test_short_headless_locust_run_has_no_failures(ray_app: RayApp, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from loadtest.summary import failures, stats_rows
+
+    prefix = tmp_path / "run"
+    env = {**os.environ, "COVSPEC_API_KEYS": ",".join(ray_app.keys.values()), "COVSPEC_MAX_TOKENS": "16"}
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-H", ray_app.url,
+         "-u", "2", "-r", "2", "-t", "8s", "--csv", str(prefix), "--only-summary"],
+        capture_output=True, text=True, timeout=120, check=False, env=env, cwd=CHECKPOINTS.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["Name"]: row for row in stats_rows(str(prefix))}
+    assert (
+        int(rows["chat:stream"]["Request Count"])
+        + int(rows.get("chat:stream:shared-prefix", {}).get("Request Count", 0))
+        > 0
+    )
+    assert {"ttft_ms", "e2e_ms", "tokens_per_s"} <= rows.keys()
+    assert failures(str(prefix)) == 0
 
 
 def ask(ray_app: RayApp, user: str, sample: object) -> tuple[int, int, str]:

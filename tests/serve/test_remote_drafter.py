@@ -12,14 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 
+from core.draft import DraftBudget, DraftRequest
 from core.plan import Completion
 from core.prompt import Prompt
 from core.sampling import SamplingParams
+from drafter_pool.pool import empty_proposal
 from models.tiny.samples import EVAL_SEED_START, make_sample
 from scheduler.engine import DrafterHealth, Engine
 from serve.engine_builder import BuiltEngine, EngineOptions, build_drafter, build_engine
 from serve.link import Link
-from serve.remote_drafter import DraftCall, DrafterPoolServer, RemoteDrafter, pack
+from serve.remote_drafter import RELEASE_BATCH, DraftCall, DrafterPoolServer, RemoteDrafter, pack
 from tests.serve.engine_helpers import Oracle, run_checked
 from tests.serve.pool_helpers import PoolHandle
 
@@ -74,6 +76,28 @@ def test_outputs_are_the_targets_across_a_jittery_link_with_mixed_adapters(
     if pipeline:  # one group's call was out while the other group was verified
         assert totals.draft_hidden_ms > 0
     _pool_is_empty(built, handle)
+
+
+def test_a_lone_request_pipelined_is_drafted_in_lockstep_and_stays_the_targets(oracle: Oracle) -> None:
+    """One request is one group: nothing else to verify while its call is out."""
+    built, _ = _remote(oracle)
+    prompts, expected = _cases(oracle, 1, 965)
+    (out,) = run_checked(built.engine, prompts, [SamplingParams(max_tokens=32)], adapters=["bob"])
+    assert list(out.token_ids) == expected[0] and out.stats.accepted_tokens > 0
+
+
+def test_load_aware_calibrates_the_drafter_across_the_link(oracle: Oracle) -> None:
+    """The policy's forward-cost curve of the drafter is measured where the pool runs."""
+    tokenizer = oracle.processor.tokenizer
+    opts = EngineOptions(policy="load_aware")
+    drafter = CHECKPOINTS / "tiny-drafter"
+    handle = PoolHandle(lambda: DrafterPoolServer(build_drafter(drafter, tokenizer, opts)))
+    built = build_engine(CHECKPOINTS / "tiny-target", None, opts, remote_drafter=RemoteDrafter(handle))
+    curves = built.engine.scheduler.policy.draft.cost.curves  # type: ignore[attr-defined]
+    assert all(ms > 0 for ms in curves.drafter.ms)
+    prompts, expected = _cases(oracle, 2, 975)
+    outs = run_checked(built.engine, prompts, [SamplingParams(max_tokens=32)] * 2)
+    assert [list(o.token_ids) for o in outs] == expected
 
 
 def test_link_bytes_are_counted_per_request_both_ways(oracle: Oracle) -> None:
@@ -159,6 +183,30 @@ def test_a_draft_call_not_answered_in_time_is_decoded_plainly(oracle: Oracle) ->
     outs = engine.generate(prompts[:1], SamplingParams(max_tokens=8))
     assert list(outs[0].token_ids) == expected[0][:8]
     assert engine.snapshot.totals.undrafted_steps > 0 and outs[0].stats.accepted_tokens == 0
+
+
+def test_releases_go_in_a_call_of_their_own_while_nothing_is_drafted() -> None:
+    """A policy drafting nothing sends no draft call for the releases to ride along with: the
+    pool still gets them, so it does not hold finished requests' KV."""
+    released: list[int] = []
+    pool = SimpleNamespace(
+        propose=lambda requests: [empty_proposal(r.request_id) for r in requests],
+        release=released.append,
+        kv_used=lambda: 0.0,
+    )
+    handle = PoolHandle(lambda: DrafterPoolServer(pool=pool))
+    remote = RemoteDrafter(handle)
+    budget, prompt = DraftBudget(max_nodes=2, max_depth=2), Prompt((1, 2, 3))
+    requests = [DraftRequest(i, prompt, (4,), budget, SamplingParams()) for i in range(RELEASE_BATCH)]
+    remote.submit(requests).result(timeout_s=5)
+    for r in requests[:-1]:
+        remote.release(r.request_id)
+    assert handle.server._local and not released  # waiting for a call to ride along with
+    remote.release(requests[-1].request_id)
+    deadline = time.monotonic() + 5
+    while len(released) < RELEASE_BATCH and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(released) == RELEASE_BATCH and not handle.server._local
 
 
 def test_a_request_unknown_to_the_pool_without_its_prompt_gets_an_empty_tree_and_is_named() -> None:
