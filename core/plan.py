@@ -37,9 +37,8 @@ class StepLoad:
     num_peers: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.num_sampling, self.prefill_tokens, self.num_joining, self.overlap_tokens) < 0 or (
-            self.num_peers < 0
-        ):
+        requests = (self.num_sampling, self.num_joining, self.num_peers)
+        if min(*requests, self.prefill_tokens, self.overlap_tokens) < 0:
             raise ValueError(f"a step load counts tokens and requests, got {self}")
         if self.split < 1:
             raise ValueError(f"a step is verified in at least one group, got split {self.split}")

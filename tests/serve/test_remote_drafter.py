@@ -112,32 +112,42 @@ def test_link_bytes_are_counted_per_request_both_ways(oracle: Oracle) -> None:
         assert out.stats.link_bytes_down > 0
 
 
+def _start(engine: Engine, prompts: list[Prompt]) -> list[int]:
+    params = SamplingParams(max_tokens=32)
+    return [engine.add_request(p, params, adapter=u) for p, u in zip(prompts, USERS, strict=True)]
+
+
+def _step(engine: Engine, done: dict[int, Completion]) -> None:
+    """One step, its finished requests' completions kept, the scheduler's KV checked."""
+    for out in engine.step():
+        if out.completion is not None:
+            done[out.request_id] = out.completion
+    engine.scheduler.check_integrity()
+
+
 def _step_until(engine: Engine, done: dict[int, Completion], ids: list[int], steps: int) -> None:
     for _ in range(steps):
-        for out in engine.step():
-            if out.completion is not None:
-                done[out.request_id] = out.completion
-        engine.scheduler.check_integrity()
+        _step(engine, done)
     assert len(done) < len(ids), "the requests finished before the fault"
+
+
+def _finish(engine: Engine, done: dict[int, Completion]) -> None:
+    while engine.has_unfinished():
+        _step(engine, done)
 
 
 def test_aborts_while_their_trees_are_on_the_way_free_everything(oracle: Oracle) -> None:
     built, handle = _remote(oracle)
     engine = built.engine
     prompts, expected = _cases(oracle, 6, 980)
-    params = SamplingParams(max_tokens=32)
-    ids = [engine.add_request(p, params, adapter=u) for p, u in zip(prompts, USERS, strict=True)]
+    ids = _start(engine, prompts)
     done: dict[int, Completion] = {}
     _step_until(engine, done, ids, 6)
     assert engine._flights, "no draft call was out to abort under"
     aborted = {ids[1], ids[4]}
     for rid in aborted:
         engine.abort(rid)
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.completion is not None:
-                done[out.request_id] = out.completion
-        engine.scheduler.check_integrity()
+    _finish(engine, done)
     for rid, want in zip(ids, expected, strict=True):
         if rid not in aborted:
             assert list(done[rid].token_ids) == want
@@ -151,8 +161,7 @@ def test_a_drafter_pool_fault_costs_speculation_not_requests(oracle: Oracle, fau
     built, handle = _remote(oracle)
     engine = built.engine
     prompts, expected = _cases(oracle, 6, 990)
-    params = SamplingParams(max_tokens=32)
-    ids = [engine.add_request(p, params, adapter=u) for p, u in zip(prompts, USERS, strict=True)]
+    ids = _start(engine, prompts)
     done: dict[int, Completion] = {}
     _step_until(engine, done, ids, 5)
     handle.down = fault == "dies"
@@ -162,17 +171,22 @@ def test_a_drafter_pool_fault_costs_speculation_not_requests(oracle: Oracle, fau
         assert engine.snapshot.totals.undrafted_steps > 0 and engine.health.failures > 0
         time.sleep(0.15)  # past the backoff
         handle.down = False
-    accepted_before = sum(engine.scheduler.get(i).accepted_tokens for i in ids if i not in done)  # type: ignore[union-attr]
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.completion is not None:
-                done[out.request_id] = out.completion
-        engine.scheduler.check_integrity()
+    accepted_before = sum(_accepted(engine, done, i) for i in ids)
+    _finish(engine, done)
     assert [list(done[i].token_ids) for i in ids] == expected
     assert handle.server._next > 0, "the new pool never got the prompts again"
     accepted_after = sum(done[i].stats.accepted_tokens for i in ids)
     assert accepted_after > accepted_before, "drafting did not resume"
     _pool_is_empty(built, handle)
+
+
+def _accepted(engine: Engine, done: dict[int, Completion], rid: int) -> int:
+    """Draft tokens accepted for request ``rid`` so far, finished or not."""
+    if rid in done:
+        return done[rid].stats.accepted_tokens
+    req = engine.scheduler.get(rid)
+    assert req is not None
+    return req.accepted_tokens
 
 
 def test_a_draft_call_not_answered_in_time_is_decoded_plainly(oracle: Oracle) -> None:
