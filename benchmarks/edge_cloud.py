@@ -11,7 +11,10 @@ Layouts, each with the Engine deployment's one CPU (``deploy/local.yaml``: one t
 - ``lockstep``: the drafter pool across the link, all trees verified in one forward, the engine
   waiting for the trees every step;
 - ``pipelined``: the same, with two groups of requests: one group's trees are drafted while the
-  other group's are verified.
+  other group's are verified;
+- ``proactive``: pipelined, and while a step's trees are verified with the drafter otherwise idle,
+  it drafts each request's next tree after the path it rates likeliest (``scheduler.foresight``):
+  the shipped layout.
 
 Across the link the drafter pool runs in a Ray actor (1 thread: the edge) and the engine in
 this process (1 thread: the cloud), each call delayed by :class:`serve.link.Link` (half the round
@@ -26,7 +29,7 @@ target decode steps: the ``none`` layout's mean step time at each level.
 
     .venv/bin/python -m benchmarks.edge_cloud [--users 1 4 10 16 25 50 100] [--rtt 0 10 20 50 100]
         [--bandwidth 10 100] [--slow-rtt 10 50] [--per-user-rtt 0 10]
-        [--layouts none none_2cpu in_engine per_user lockstep pipelined]
+        [--layouts none none_2cpu in_engine per_user lockstep pipelined proactive]
         [--max-tokens 48] [--requests-per-user 1]
     .venv/bin/python -m benchmarks.edge_cloud --report   # tables and plot from the last results
     .venv/bin/python -m benchmarks.edge_cloud --policy fixed --stem edge_cloud_fixed ...  # trees always
@@ -60,8 +63,8 @@ from serve.engine_builder import BuiltEngine, EngineOptions, build_drafter, buil
 from serve.link import Link
 from serve.remote_drafter import DrafterPoolServer, RemoteDrafter
 
-LAYOUTS = ("none", "none_2cpu", "in_engine", "per_user", "lockstep", "pipelined")
-SPLIT = ("per_user", "lockstep", "pipelined")  # the drafter pool across the link
+LAYOUTS = ("none", "none_2cpu", "in_engine", "per_user", "lockstep", "pipelined", "proactive")
+SPLIT = ("per_user", "lockstep", "pipelined", "proactive")  # the drafter pool across the link
 USERS = ("alice", "bob", "carol", "dave")  # personas and their shipped drafter LoRAs, round robin
 EDGE_SEED_OFFSET = 3000
 JITTER = 0.1  # of the round trip
@@ -142,7 +145,8 @@ def build(layout: str, link: Link, policy: str = "load_aware", fixed_nodes: int 
         policy="none" if plain else policy,
         fixed_nodes=fixed_nodes,
         adapters=() if plain else adapters(),
-        pipeline=layout == "pipelined",
+        pipeline=layout in ("pipelined", "proactive"),
+        proactive=layout == "proactive",
     )
     torch.set_num_threads(2 if layout == "none_2cpu" else 1)
     if layout not in SPLIT:
@@ -170,6 +174,8 @@ class Window:
     steps: int  # engine steps in the window
     bytes_up: int
     bytes_down: int
+    ahead_trees: int = 0  # trees drafted ahead (proactive) in the window
+    ahead_hits: int = 0  # of which verified
 
 
 def run_level(built: BuiltEngine, users: int, seeds: Any, args: argparse.Namespace) -> Window:
@@ -190,6 +196,7 @@ def run_level(built: BuiltEngine, users: int, seeds: Any, args: argparse.Namespa
     done: list[Completion] = []
     tokens = steps = 0
     start = 0.0
+    ahead = engine.proactive_stats
     for user in range(users):
         submit(user)
     while len(done) < warmup + measured:
@@ -201,8 +208,11 @@ def run_level(built: BuiltEngine, users: int, seeds: Any, args: argparse.Namespa
                 done.append(out.completion)
                 if len(done) == warmup:
                     start, tokens, steps = time.perf_counter(), 0, 0
+                    ahead = engine.proactive_stats
                 submit(owner.pop(out.request_id))
     wall = time.perf_counter() - start
+    ahead_trees = engine.proactive_stats.trees - ahead.trees
+    ahead_hits = engine.proactive_stats.hits - ahead.hits
     for rid in list(owner):  # the requests still running: not counted
         engine.abort(rid)
     while engine.has_unfinished() or engine._flights:
@@ -215,6 +225,8 @@ def run_level(built: BuiltEngine, users: int, seeds: Any, args: argparse.Namespa
         steps,
         sum(c.stats.link_bytes_up for c in window),
         sum(c.stats.link_bytes_down for c in window),
+        ahead_trees,
+        ahead_hits,
     )
 
 
@@ -246,6 +258,8 @@ def summary(window: Window) -> dict[str, Any]:
         "bytes_up_per_request": window.bytes_up / len(cs),
         "bytes_down_per_request": window.bytes_down / len(cs),
         "tau": sum(c.stats.output_tokens for c in cs) / verify_steps if verify_steps else 0.0,
+        "ahead_trees": window.ahead_trees,
+        "ahead_hits": window.ahead_hits,
     }
 
 
@@ -265,7 +279,7 @@ def groups(args: argparse.Namespace) -> list[tuple[float, float, list[str]]]:
         for bw in args.bandwidth:
             if bw != fast and rtt not in args.slow_rtt:
                 continue
-            names = ["none", "lockstep", "pipelined"]
+            names = ["none", "lockstep", "pipelined", "proactive"]
             if bw == fast and rtt in args.per_user_rtt:
                 names.append("per_user")
             if bw == fast and rtt == 0:
@@ -385,9 +399,13 @@ def goals(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     out.append(("batched verification >= 1.5x per-user speculation, 25 users and more",
                 ", ".join(f"{u} users {r:.2f}x" for u, r in measured) or "-",
                 None if not measured else all(r >= 1.5 for _, r in measured)))  # fmt: skip
-    r1 = ratio(result, key("pipelined", 0, fast), key("lockstep", 0, fast), 1)
-    single = f"pipelined, without proactive drafting (not built): {fmt(r1)}x lockstep"
-    out.append(("single user, RTT 0: proactive drafting >= 1.15x lockstep", single, False))
+    r1 = ratio(result, key("proactive", 0, fast), key("lockstep", 0, fast), 1)
+    lv = level(result, key("proactive", 0, fast), 1)
+    hits = ""
+    if lv and lv.get("ahead_trees"):
+        hits = f" ({lv['ahead_hits']} of {lv['ahead_trees']} guesses used)"
+    out.append(("single user, RTT 0: proactive drafting >= 1.15x lockstep", f"{fmt(r1)}x{hits}",
+                None if r1 is None else r1 >= 1.15))  # fmt: skip
     return out
 
 

@@ -42,6 +42,10 @@ class PendingDraft(Protocol):
         :class:`core.draft.DrafterUnavailable` when the drafter does not answer in time."""
         ...
 
+    def done(self) -> bool:
+        """Whether the call was answered (or failed): ``result`` would not wait."""
+        ...
+
 
 class DraftClient(Protocol):
     """The drafter as the engine reaches it: in this process, or across a link."""

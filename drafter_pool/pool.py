@@ -4,7 +4,11 @@ Per step and for all requests together: one forward that brings each request's d
 date (its prompt the first time, then the tokens verified since) and yields the root's
 distribution, then one forward per tree depth. A level's forward carries each request's nodes
 chosen so far with their ancestor mask, written after the committed KV; when the tree is done
-those entries are dropped again, so the pool only ever keeps verified tokens.
+those entries are dropped again, so the pool only ever keeps the tokens it was asked to draft
+after. Those are usually verified; a proactive call (``scheduler.foresight``) asks for a tree
+after a path not verified yet. Each call names every output token, so the pool keeps the KV its
+request shares with the previous call and recomputes the rest: a guess that did not come true
+costs only the tokens after the point where it went wrong.
 
 A request may name a LoRA adapter (its user's); its tokens then go through that adapter in the
 same forwards as everyone else's (``models.multi_lora``). A LoRA changes the drafter's KV, so KV
@@ -62,7 +66,7 @@ class _Drafting:
     """A request the drafter holds KV for."""
 
     blocks: SequenceBlocks
-    num_outputs: int  # output tokens whose KV is committed
+    outputs: tuple[int, ...]  # output tokens whose KV is committed, as the last call named them
     next_position: int  # RoPE position of the next token
     generator: torch.Generator
     adapter: str | None = None  # the pinned LoRA its KV was computed with; None = base drafter
@@ -192,7 +196,7 @@ class DrafterPool:
                     b.blocks, state.hashes, state.published, b.num_tokens
                 )
             state.blocks.reserve(self._max_tree_rows(req))  # ... and takes them back for the levels
-            state.num_outputs = len(req.output_ids)
+            state.outputs = req.output_ids
             state.next_position = int(seq.positions[-1]) + 1
             grower = TreeGrower(req.budget, self.shape, req.sampling, state.generator)
             grower.expand_rows([ROOT], draft_distribution(row[None], req.sampling))
@@ -214,11 +218,10 @@ class DrafterPool:
             rest = prompt.chunk(cached, prompt.num_tokens)
             embeds, embed_index = rest.embeds, rest.embed_index
         else:
-            tokens = outputs[state.num_outputs :]
+            kept = self._rewind(state, req.output_ids)
+            tokens = outputs[kept:]
             positions = state.next_position + torch.arange(len(tokens))
             embeds = embed_index = None
-        if len(tokens) == 0:
-            raise ValueError(f"request {req.request_id}: no new verified token since the last draft")
         rows = len(tokens) + self._max_tree_rows(req)
         if not state.blocks.can_reserve(rows):
             self.release(req.request_id)
@@ -229,10 +232,24 @@ class DrafterPool:
             embeds=embeds, embed_index=embed_index,
         )  # fmt: skip
 
+    @staticmethod
+    def _rewind(state: _Drafting, outputs: tuple[int, ...]) -> int:
+        """Drop ``state``'s KV past what it shares with ``outputs`` (all but the last token at
+        most: the root's distribution comes from its forward); the output tokens it keeps."""
+        held = state.outputs
+        if outputs[: len(held)] == held and len(outputs) > len(held):
+            return len(held)  # the usual call: verified tokens after the ones held
+        shared = next((i for i, (a, b) in enumerate(zip(held, outputs, strict=False)) if a != b), len(held))
+        shared = min(shared, len(outputs) - 1)
+        state.blocks.truncate(state.blocks.num_tokens - (len(held) - shared))
+        state.next_position -= len(held) - shared
+        state.outputs = held[:shared]
+        return shared
+
     def _admit(self, req: DraftRequest) -> _Drafting:
         seed = req.sampling.seed
         seed = self._seeds.getrandbits(63) if seed is None else seed ^ DRAFT_SEED_SALT
-        state = _Drafting(SequenceBlocks(self.pool), 0, 0, torch.Generator().manual_seed(seed))
+        state = _Drafting(SequenceBlocks(self.pool), (), 0, torch.Generator().manual_seed(seed))
         if req.adapter is not None:
             state.adapter, state.slot = self._pin(req.adapter)
         self.states[req.request_id] = state

@@ -131,13 +131,14 @@ class TreeGrower:
         (a group that does not fit keeps a prefix of its draw order)."""
         order = self._breadth_first(self._select_groups())
         tree = self.subtree(order)
+        scores = torch.tensor([self.nodes[i].score for i in order], dtype=torch.float32)
         if self.sampling.greedy:
-            return DraftProposal(request_id, tree)
+            return DraftProposal(request_id, tree, scores=scores)
         rows = [ROOT, *order]
         vocab = self.probs[ROOT].shape[0]
         zeros = torch.zeros(vocab)
         draft_probs = torch.stack([self.probs.get(r, zeros) for r in rows])
-        return DraftProposal(request_id, tree, draft_probs)
+        return DraftProposal(request_id, tree, draft_probs, scores=scores)
 
     def _draw(self, q: torch.Tensor, count: int) -> list[int]:
         first = int(torch.multinomial(q, 1, generator=self.generator))

@@ -95,6 +95,14 @@ class SequenceBlocks:
         self.num_tokens += len(keep)
         self._trim()
 
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` committed entries and give back the blocks past them
+        (a guess the sequence was extended with did not come true)."""
+        if not 0 <= num_tokens <= self.num_tokens:
+            raise ValueError(f"cannot truncate {self.num_tokens} committed entries to {num_tokens}")
+        self.num_tokens = num_tokens
+        self._trim()
+
     def fork(self) -> SequenceBlocks:
         """A new owner of this sequence's committed blocks, with the same ``num_tokens``.
 

@@ -14,6 +14,10 @@ time, and the link's round trip hides behind a verification. Outputs do not depe
 timing: a request's tree is whatever came back for its plan, and the verifier decides alone.
 A drafter that does not answer costs one step's trees, never a request: the engine decodes
 plainly and asks again after a backoff.
+
+Proactive (``scheduler.foresight``), while a step's trees are verified and no other call keeps
+the drafter busy, the drafter drafts each request's next tree after the path it rates best:
+when the verifier accepts that path, the next step's tree is there without a call.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from core.draft import Answered, Drafted, DrafterUnavailable
+from core.draft import Answered, Drafted, DrafterUnavailable, DraftRequest
 from core.plan import Completion, RequestOutput, StepPlan, StepReport, StepTiming
 from core.prompt import EncodedPrompt, Prompt
 from core.protocols import DraftClient, PendingDraft, Verifier
 from core.sampling import SamplingParams
+from scheduler.foresight import Foresight, Matched, ProactiveStats, ahead_requests
 from scheduler.request import RequestState
 from scheduler.scheduler import Scheduler
 from scheduler.snapshot import EngineSnapshot, PrefixCounters
@@ -58,6 +63,15 @@ class _Clock:
         verify_ms = max(1000 * total_s - draft_ms, 0.0)
         return StepTiming(draft_ms, verify_ms, self.hidden_ms, self.link_ms)
 
+    def plus(self, other: _Clock) -> _Clock:
+        """Both calls' parts (a step with trees from a proactive call and from its own)."""
+        return _Clock(
+            self.waited_s + other.waited_s,
+            self.draft_ms + other.draft_ms,
+            self.hidden_ms + other.hidden_ms,
+            self.link_ms + other.link_ms,
+        )
+
 
 @dataclass(frozen=True)
 class _Flight:
@@ -67,6 +81,8 @@ class _Flight:
     plan: StepPlan
     pending: PendingDraft
     sent_s: float  # perf_counter when the call was handed off (after ``submit`` returned)
+    ahead: Matched | None = None  # trees a proactive call drafted for the plan, and its bytes
+    ahead_clock: _Clock = _Clock()  # that call, as this step saw it
 
 
 class DrafterHealth:
@@ -103,6 +119,7 @@ class Engine:
         compression: float | None = None,
         layout: Callable[[Prompt], EncodedPrompt] | None = None,
         draft_timeout_s: float = DRAFT_TIMEOUT_S,
+        proactive: bool = False,
     ) -> None:
         self.scheduler, self.verifier, self.drafter = scheduler, verifier, drafter
         self.encode, self.eos_token_ids = encode, eos_token_ids
@@ -111,6 +128,10 @@ class Engine:
         self.layout = layout
         self.compression = compression  # r for every request; None = the policy chooses
         self.draft_timeout_s = draft_timeout_s
+        self.proactive = proactive  # pays only with a drafter in another process
+        self.proactive_stats = ProactiveStats()
+        self._foresight: Foresight | None = None
+        self._stale: list[Foresight] = []  # proactive calls no step needs, read once answered
         self.health = DrafterHealth()
         self._ids = itertools.count()
         self._seeds = random.Random(seed)
@@ -176,10 +197,12 @@ class Engine:
         if plan.empty:  # every request of it was aborted while its trees were drafted
             return []
         plan, clock = self._trees(plan, flight)
+        self._foresee(plan)
         report = self.scheduler.update(plan, self.verifier.verify(plan.items))
         timing = clock.after(time.perf_counter() - started)
         if not report.drafter_failed:  # a timeout's wait says nothing of what drafting costs
             self.scheduler.learn(report, timing)
+        self._sweep_stale()
         self._publish(report, timing, batch=len(plan.items))
         return list(report.outputs)
 
@@ -234,10 +257,68 @@ class Engine:
     def _send(self, group: int, plan: StepPlan) -> None:
         if plan.empty:
             return
+        ahead, ahead_clock = self._foreseen(plan)
+        rest = tuple(d for d in plan.drafts if ahead is None or d.request_id not in ahead.ready)
         pending: PendingDraft = NOTHING_TO_DRAFT
-        if plan.drafts and self.drafter is not None:
-            pending = self.drafter.submit(plan.drafts)
-        self._flights[group] = _Flight(group, plan, pending, time.perf_counter())
+        if rest and self.drafter is not None:
+            pending = self.drafter.submit(rest)
+        self._flights[group] = _Flight(group, plan, pending, time.perf_counter(), ahead, ahead_clock)
+
+    def _foresee(self, plan: StepPlan) -> None:
+        """Send the proactive call for ``plan``'s trees, about to be verified, when nothing else
+        keeps the drafter busy meanwhile: the calls of other groups are answered, and so is the
+        last proactive call (one left unread is stale now: its requests finished)."""
+        if not (self.proactive and plan.proposals and self.drafter is not None and self.health.available()):
+            return
+        if any(not f.pending.done() for f in self._flights.values()):
+            return
+        if self._foresight is not None:
+            if not self._foresight.pending.done():
+                return
+            self._stale.append(self._foresight)
+        requests = ahead_requests(plan, self.eos_token_ids)
+        if requests:
+            self._foresight = Foresight.of(requests, self.drafter.submit(requests), time.perf_counter())
+            self._count(ProactiveStats(calls=1, trees=len(requests)))
+
+    def _foreseen(self, plan: StepPlan) -> tuple[Matched | None, _Clock]:
+        """The trees of ``plan`` the proactive call holds, waiting for it if it may hold one."""
+        foresight = self._foresight
+        if foresight is None or not foresight.concerns(plan):
+            return None, _Clock()
+        self._foresight = None
+        if not foresight.used_by(plan):  # its guesses did not come true
+            self._stale.append(foresight)
+            return None, _Clock()
+        waiting = time.perf_counter()
+        ahead = self._read_foresight(foresight, plan.drafts)
+        waited_ms = 1000 * (time.perf_counter() - waiting)
+        if ahead is None:
+            return None, _Clock(waited_s=waited_ms / 1000)
+        return ahead, _Clock(0.0, waited_ms, max(ahead.call_ms - waited_ms, 0.0), ahead.link_ms)
+
+    def _read_foresight(self, foresight: Foresight, drafts: Sequence[DraftRequest]) -> Matched | None:
+        """``foresight``'s answer read against ``drafts`` and counted (None if it never came)."""
+        try:
+            drafted = foresight.pending.result(self.draft_timeout_s)
+        except DrafterUnavailable:
+            self.health.failed()
+            return None
+        ahead = foresight.match(drafted, drafts)
+        self._count(ProactiveStats(hits=len(ahead.ready), wasted_nodes=ahead.wasted_nodes))
+        return ahead
+
+    def _sweep_stale(self) -> None:
+        """Count the stale proactive calls answered by now: their trees wasted, their bytes
+        carried by no request."""
+        for foresight in [f for f in self._stale if f.pending.done()]:
+            self._stale.remove(foresight)
+            ahead = self._read_foresight(foresight, ())
+            if ahead is not None:
+                self._count(ahead.unbilled(()))
+
+    def _count(self, stats: ProactiveStats) -> None:
+        self.proactive_stats = self.proactive_stats.plus(stats)
 
     def _trees(self, plan: StepPlan, flight: _Flight) -> tuple[StepPlan, _Clock]:
         """``plan`` (``flight``'s, less aborted requests) with its trees once they came; without
@@ -252,11 +333,16 @@ class Engine:
             self.health.answered()
         # what verifying other groups hid of the call: the time from handing it off to waiting
         hidden_ms = min(drafted.call_ms, 1000 * (waiting - flight.sent_s))
-        clock = _Clock(0.0, drafted.call_ms - hidden_ms, hidden_ms, drafted.link_ms)
-        return plan.with_trees(drafted.proposals), clock
+        clock = _Clock(0.0, drafted.call_ms - hidden_ms, hidden_ms, drafted.link_ms).plus(flight.ahead_clock)
+        proposals = drafted.proposals
+        if flight.ahead is not None:
+            proposals = flight.ahead.charged(proposals)
+            self._count(flight.ahead.unbilled(proposals))
+        return plan.with_trees(proposals), clock
 
     def _idle(self) -> list[RequestOutput]:
         """Nothing to run but Redis lookups (or nothing at all): wait a little for one."""
+        self._sweep_stale()
         self.scheduler.wait_for_fetches(timeout_s=IDLE_WAIT_S)
         return []
 
@@ -269,4 +355,5 @@ class Engine:
             drafter_kv_used=sched.drafter_kv_used(),
             totals=self.snapshot.totals.after(report, timing, batch),
             prefix=None if sched.prefix is None else PrefixCounters.of(sched.prefix),
+            proactive=self.proactive_stats,
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from core.plan import StepReport, StepTiming
 from kvcache.prefix_cache import PrefixCache, PrefixStats
 from kvcache.redis_store import RedisKVStore, TierStats
+from scheduler.foresight import ProactiveStats
 
 
 @dataclass(frozen=True)
@@ -70,3 +71,4 @@ class EngineSnapshot:
     drafter_kv_used: float = 0.0  # fraction of the drafter's KV blocks in use
     totals: StepTotals = field(default_factory=StepTotals)
     prefix: PrefixCounters | None = None  # None without a prefix cache
+    proactive: ProactiveStats = field(default_factory=ProactiveStats)  # ``scheduler.foresight``

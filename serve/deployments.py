@@ -49,7 +49,8 @@ def engine_options(settings: ServeSettings, placement: DeploymentSettings) -> An
         device="cuda" if placement.num_gpus > 0 else "cpu",
         adapters=settings.adapter_folders(), prefix_cache=cache.enabled,
         redis_url=cache.redis_url or os.environ.get("REDIS_URL"),
-        pipeline=settings.pipeline, draft_timeout_s=pool.timeout_s if pool else DRAFT_TIMEOUT_S,
+        pipeline=settings.pipeline, proactive=settings.proactive,
+        draft_timeout_s=pool.timeout_s if pool else DRAFT_TIMEOUT_S,
     )  # fmt: skip
 
 

@@ -56,6 +56,9 @@ class EngineOptions:
     # with a drafter across a link (``remote_drafter``): two groups of requests, one verified
     # while the other's trees are drafted; a drafter in this process drafts in lockstep
     pipeline: bool = True
+    # with a drafter across a link: the drafter drafts each request's next tree after the path it
+    # rates best while the verifier verifies the current one (``scheduler.foresight``)
+    proactive: bool = True
     draft_timeout_s: float = DRAFT_TIMEOUT_S  # a draft call not answered by then: plain decoding
 
     def __post_init__(self) -> None:
@@ -169,6 +172,7 @@ def build_engine(
         compression=opts.compression,
         layout=encoder.layout,
         draft_timeout_s=opts.draft_timeout_s,
+        proactive=opts.proactive and remote_drafter is not None,
     )
     if local is None:
         if opts.adapters and remote_drafter is None:

@@ -93,9 +93,19 @@ class EngineMetrics:
         )
         self.link_bytes = m.Counter(
             "covspec_link_bytes",
-            description="serialized bytes between engine and drafter pool, of finished requests",
+            description="serialized bytes between engine and drafter pool (finished requests' and "
+            "those of proactive calls answered after their request finished)",
             tag_keys=("direction",),
         )
+        self.unbilled = _Increments(self.link_bytes)
+        self.proactive = {
+            field: _Increments(m.Counter(f"covspec_proactive_{field}", description=text))
+            for field, text in (
+                ("trees", "next trees drafted while the current ones were verified"),
+                ("hits", "of which a step verified (the verifier accepted the guessed path)"),
+                ("wasted_nodes", "tree nodes drafted ahead that no step verified"),
+            )
+        }
         self.adapters = AdapterMetrics()
         self.prefix = PrefixMetrics()
         self._seen = StepTotals()
@@ -136,6 +146,11 @@ class EngineMetrics:
         self.draft_wait.to(int(totals.draft_wait_ms))
         self.draft_hidden.to(int(totals.draft_hidden_ms))
         self._seen = totals
+        ahead = snapshot.proactive
+        self.unbilled.to(ahead.unbilled_up, tags={"direction": "up"})
+        self.unbilled.to(ahead.unbilled_down, tags={"direction": "down"})
+        for field, counter in self.proactive.items():
+            counter.to(getattr(ahead, field))
         if adapters is not None:
             self.adapters.sample(adapters)
         if snapshot.prefix is not None:

@@ -75,6 +75,9 @@ class RemoteDraft:
         except FutureTimeout as e:
             raise DrafterUnavailable(f"the drafter pool did not answer within {timeout_s} s") from e
 
+    def done(self) -> bool:
+        return self.future.done()
+
 
 class RemoteDrafter:
     """The engine's :class:`serve.engine_builder.DrafterService` over the DrafterPool handle,

@@ -123,6 +123,10 @@ class ServeSettings(Strict):
         default=True,
         description="with a drafter pool: draft one group's trees while another group's are verified",
     )
+    proactive: bool = Field(
+        default=True,
+        description="with a drafter pool: draft each request's next tree while its tree is verified",
+    )
     gateway: DeploymentSettings = DeploymentSettings(num_cpus=0.2, max_ongoing_requests=256)
     prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
 

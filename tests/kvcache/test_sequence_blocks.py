@@ -224,3 +224,19 @@ def test_check_integrity_detects_freed_block_in_table() -> None:
     pool.free(seq.blocks)
     with pytest.raises(IntegrityError, match="holds free block 0"):
         seq.check_integrity()
+
+
+def test_truncate_keeps_the_leading_entries_and_frees_the_blocks_past_them() -> None:
+    pool = BlockPool(SMALL_LAYOUT)
+    seq = prefilled(pool, list(range(100, 111)))  # 11 entries: three blocks of four
+    free = pool.num_free_blocks
+    seq.truncate(5)
+    assert seq.num_tokens == 5 and len(seq.blocks) == 2 and pool.num_free_blocks == free + 1
+    assert_tags(pool.kv, seq.slots(0, 5), list(range(100, 105)))
+    seq.reserve(3)  # the next entries land right after the kept ones
+    write_tags(pool.kv, seq.slots(5, 8), [7, 8, 9])
+    seq.commit(3, range(3))
+    assert_tags(pool.kv, seq.slots(0, 8), [*range(100, 105), 7, 8, 9])
+    seq.check_integrity()
+    with pytest.raises(ValueError, match="cannot truncate"):
+        seq.truncate(9)

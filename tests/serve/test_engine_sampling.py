@@ -76,3 +76,57 @@ def test_speculative_sampling_matches_the_target_joint_distribution(
     assert set(counts) <= set(joint)
     chi2 = sum((counts.get(k, 0) - REQUESTS * p) ** 2 / (REQUESTS * p) for k, p in joint.items())
     assert chi2 < CHI2_15_DOF_P001, f"chi2 {chi2:.1f} over {len(joint)} outcomes"
+
+
+@torch.inference_mode()
+def exact_marginal(oracle: Oracle, text: str, position: int) -> dict[int, float]:
+    """The target's distribution of the output token at ``position`` (0-based), every path of
+    top-k tokens before it summed over."""
+    ids = oracle.inputs(text, None, None)["input_ids"]
+    paths = [(ids, 1.0)]
+    for _ in range(position):
+        longer = []
+        for seq, p in paths:
+            probs = top_k_probs(oracle.model(input_ids=seq).logits[0, -1])
+            for t in torch.nonzero(probs).flatten().tolist():
+                longer.append((torch.cat([seq, torch.tensor([[t]])], dim=1), p * float(probs[t])))
+        paths = longer
+    marginal: Counter[int] = Counter()
+    for seq, p in paths:
+        probs = top_k_probs(oracle.model(input_ids=seq).logits[0, -1])
+        for t in torch.nonzero(probs).flatten().tolist():
+            marginal[t] += p * float(probs[t])
+    return dict(marginal)
+
+
+def chi2_critical_p001(dof: int) -> float:
+    """The chi-square value exceeded with probability 0.001 (Wilson-Hilferty)."""
+    z = 3.0902
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+def test_tokens_from_trees_drafted_ahead_keep_the_target_distribution(
+    folders: dict[str, Path], oracle: Oracle
+) -> None:
+    """The fourth token, after a first step whose tree's likeliest path was accepted whole, is
+    verified against a tree the drafter drafted while that step was verified (proactive)."""
+    text, position = "tell me more about the colors", 3
+    opts = EngineOptions(policy="fixed", fixed_nodes=2, pipeline=False, proactive=True)
+    built = _pipelined(folders, oracle, opts)
+    assert built.engine.proactive and not built.engine.pipelined  # the drafter idles otherwise
+    prompt = oracle.prompt(text, None, None)
+    params = [
+        SamplingParams(max_tokens=6, temperature=1.0, top_k=TOP_K, seed=seed, ignore_eos=True)
+        for seed in range(REQUESTS)
+    ]
+    outs = built.engine.generate([prompt] * REQUESTS, params)
+    assert built.engine.proactive_stats.hits > REQUESTS // 10
+    counts = Counter(o.token_ids[position] for o in outs)
+    exact = exact_marginal(oracle, text, position)
+    assert set(counts) <= set(exact)
+    common = {t for t, p in exact.items() if REQUESTS * p >= 5}  # the rest pooled in one bin
+    rest = 1 - sum(exact[t] for t in common)
+    observed = [counts.get(t, 0) for t in common] + [REQUESTS - sum(counts.get(t, 0) for t in common)]
+    expected = [REQUESTS * exact[t] for t in common] + [REQUESTS * rest]
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True) if e > 0)
+    assert chi2 < chi2_critical_p001(len(common)), f"chi2 {chi2:.1f} over {len(common) + 1} bins"

@@ -1,7 +1,7 @@
 """The drafter behind a link (the DrafterPool deployment's wire protocol, without Ray): outputs
-stay the target's, pipelined or in lockstep, under link delays and jitter, with mixed adapters,
-aborts, a pool that dies or restarts mid-request; prompts cross once, bytes are counted, and
-every KV block comes back."""
+stay the target's, pipelined or in lockstep, with trees drafted ahead or not, under link delays
+and jitter, with mixed adapters, aborts, a pool that dies or restarts mid-request; prompts cross
+once, bytes are counted, and every KV block comes back."""
 
 from __future__ import annotations
 
@@ -35,9 +35,13 @@ def oracle() -> Oracle:
     return Oracle(CHECKPOINTS / "tiny-target")
 
 
-def _remote(oracle: Oracle, pipeline: bool = True, link: Link = JITTERY) -> tuple[BuiltEngine, PoolHandle]:
+def _remote(
+    oracle: Oracle, pipeline: bool = True, link: Link = JITTERY, proactive: bool = True
+) -> tuple[BuiltEngine, PoolHandle]:
     adapters = tuple((u, CHECKPOINTS / "adapters" / u) for u in ("bob", "dave"))
-    opts = EngineOptions(policy="fixed", fixed_nodes=6, adapters=adapters, pipeline=pipeline)
+    opts = EngineOptions(
+        policy="fixed", fixed_nodes=6, adapters=adapters, pipeline=pipeline, proactive=proactive
+    )
     tokenizer = oracle.processor.tokenizer
     handle = PoolHandle(
         lambda: DrafterPoolServer(build_drafter(CHECKPOINTS / "tiny-drafter", tokenizer, opts))
@@ -61,11 +65,16 @@ def _pool_is_empty(built: BuiltEngine, handle: PoolHandle) -> None:
     assert server.pool.num_free_blocks == server.pool.pool.num_blocks and not server._local
 
 
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "lockstep"])
+@pytest.mark.parametrize(
+    ("pipeline", "proactive"),
+    [(True, True), (True, False), (False, False)],
+    ids=["pipelined-proactive", "pipelined", "lockstep"],
+)
 def test_outputs_are_the_targets_across_a_jittery_link_with_mixed_adapters(
-    oracle: Oracle, pipeline: bool
+    oracle: Oracle, pipeline: bool, proactive: bool
 ) -> None:
-    built, handle = _remote(oracle, pipeline)
+    built, handle = _remote(oracle, pipeline, proactive=proactive)
+    assert built.engine.proactive is proactive
     assert built.engine.pipelined is pipeline
     prompts, expected = _cases(oracle, 6, 960)
     outs = run_checked(built.engine, prompts, [SamplingParams(max_tokens=32)] * 6, adapters=USERS)
@@ -80,10 +89,32 @@ def test_outputs_are_the_targets_across_a_jittery_link_with_mixed_adapters(
 
 def test_a_lone_request_pipelined_is_drafted_in_lockstep_and_stays_the_targets(oracle: Oracle) -> None:
     """One request is one group: nothing else to verify while its call is out."""
-    built, _ = _remote(oracle)
+    built, _ = _remote(oracle, proactive=False)
     prompts, expected = _cases(oracle, 1, 965)
     (out,) = run_checked(built.engine, prompts, [SamplingParams(max_tokens=32)], adapters=["bob"])
     assert list(out.token_ids) == expected[0] and out.stats.accepted_tokens > 0
+    assert built.engine.proactive_stats.calls == 0
+
+
+@pytest.mark.parametrize("user", ["bob", None])
+def test_lone_requests_verify_trees_drafted_ahead_and_stay_the_targets(
+    oracle: Oracle, user: str | None
+) -> None:
+    """While its tree is verified the drafter drafts the next one after the path it rates likeliest;
+    the steps that accepted that path use it, the others drop it and the pool its KV."""
+    built, handle = _remote(oracle)
+    prompts, expected = _cases(oracle, 4, 966)
+    outs = [
+        run_checked(built.engine, [p], [SamplingParams(max_tokens=48)], adapters=[user])[0] for p in prompts
+    ]
+    assert [list(o.token_ids) for o in outs] == expected
+    ahead = built.engine.proactive_stats
+    assert ahead.calls == ahead.trees > 0 and 0 < ahead.hits < ahead.trees  # some guesses came true
+    # every step has a tree (the first one after the prompt); a step whose tree was drafted
+    # ahead costs no call of its own
+    assert handle.drafts_sent == sum(o.stats.verify_steps for o in outs) - ahead.hits + ahead.trees
+    assert ahead.wasted_nodes > 0  # the misses' trees and the hits' other branches
+    _pool_is_empty(built, handle)
 
 
 def test_load_aware_calibrates_the_drafter_across_the_link(oracle: Oracle) -> None:
@@ -105,8 +136,10 @@ def test_link_bytes_are_counted_per_request_both_ways(oracle: Oracle) -> None:
     prompts, expected = _cases(oracle, 4, 970)
     outs = run_checked(built.engine, prompts, [SamplingParams(max_tokens=32)] * 4, adapters=USERS[:4])
     assert [list(o.token_ids) for o in outs] == expected
-    assert sum(o.stats.link_bytes_up for o in outs) == handle.bytes_up
-    assert sum(o.stats.link_bytes_down for o in outs) == handle.bytes_down
+    ahead = built.engine.proactive_stats  # proactive calls answered after their request finished
+    assert sum(o.stats.link_bytes_up for o in outs) + ahead.unbilled_up == handle.bytes_up
+    assert sum(o.stats.link_bytes_down for o in outs) + ahead.unbilled_down == handle.bytes_down
+    assert ahead.trees > 0
     for out, prompt in zip(outs, prompts, strict=True):
         assert out.stats.link_bytes_up > len(pack(prompt))  # the prompt crossed, with its image
         assert out.stats.link_bytes_down > 0
