@@ -153,7 +153,8 @@ def build(layout: str, link: Link, policy: str = "load_aware", fixed_nodes: int 
         return Contender(build_engine(harness.TARGET, None if plain else harness.DRAFTER, options))
     # contenders of a group are alive together but run one at a time: the Ray CPUs asked for
     # only have to let every pool be placed (each runs with one torch thread when it drafts)
-    actor = ray.remote(num_cpus=0.1)(PoolActor).remote()
+    # threaded as a Serve replica runs its calls: a proactive call sees another one waiting
+    actor = ray.remote(num_cpus=0.1, max_concurrency=4)(PoolActor).remote()
     remote = RemoteDrafter(ActorHandle(actor), link, timeout_s=30.0)
     built = build_engine(harness.TARGET, None, options, remote_drafter=remote)
     if layout == "per_user":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from core.draft import Drafted, DraftProposal, DraftRequest
@@ -10,14 +10,18 @@ from core.verify import VerifyItem, VerifyOutcome
 
 
 class Drafter(Protocol):
-    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+    def propose(
+        self, requests: Sequence[DraftRequest], stop: Callable[[], bool] | None = None
+    ) -> list[DraftProposal]:
         """One draft tree per request, in order, each within its budget, grown from the last
         verified token (``output_ids[-1]``). The drafter keeps its own KV per request and brings
         it up to date from ``prompt`` and ``output_ids`` (a request it has not seen, or has
         released, is prefilled from scratch: ``prefill_tokens`` says how many tokens that took).
         A request it has no room for gets an empty tree marked ``dropped``, and its KV is gone.
         For sampling requests, children are drawn without replacement from the ``draft_probs``
-        it reports. Leaves no tree KV behind."""
+        it reports. Leaves no tree KV behind. ``stop`` is asked between tree levels: once it
+        says so, every tree is returned as grown so far (a proactive call making way for others;
+        a tree cut for timing, never for its tokens, is verified as exactly as a whole one)."""
         ...
 
     def has_adapter(self, name: str) -> bool:
@@ -50,9 +54,11 @@ class PendingDraft(Protocol):
 class DraftClient(Protocol):
     """The drafter as the engine reaches it: in this process, or across a link."""
 
-    def submit(self, requests: Sequence[DraftRequest]) -> PendingDraft:
+    def submit(self, requests: Sequence[DraftRequest], ahead: bool = False) -> PendingDraft:
         """Send one draft call for ``requests`` (see :meth:`Drafter.propose`) and return at
-        once, or once answered for a drafter in this process."""
+        once, or once answered for a drafter in this process. A call ``ahead`` (proactive: trees
+        no step waits for yet) yields to other calls: the drafter cuts its trees short when
+        another call is waiting for it."""
         ...
 
     def has_adapter(self, name: str) -> bool: ...

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -112,14 +112,17 @@ class DrafterPool:
         self.states: dict[int, _Drafting] = {}
         self._seeds = random.Random(seed)
 
-    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+    def propose(
+        self, requests: Sequence[DraftRequest], stop: Callable[[], bool] | None = None
+    ) -> list[DraftProposal]:
         """A request the pool has no room for gets an empty tree (plain decoding this step)
         marked ``dropped``: the pool let its KV go, and prefills it again when it next gets a
-        tree. A request's first tree reports the tokens encoded for it (``prefill_tokens``)."""
+        tree. A request's first tree reports the tokens encoded for it (``prefill_tokens``).
+        Once ``stop`` says so (asked before each depth level), the trees end where they are."""
         with intra_op_threads(self.threads):
-            return self._propose(requests)
+            return self._propose(requests, stop or (lambda: False))
 
-    def _propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+    def _propose(self, requests: Sequence[DraftRequest], stop: Callable[[], bool]) -> list[DraftProposal]:
         fresh = {r.request_id for r in requests if r.request_id not in self.states}
         pending = {r.request_id: self._pending(r) for r in requests}
         ready = [r for r in requests if pending[r.request_id] is not None]
@@ -128,7 +131,7 @@ class DrafterPool:
         levels = self._next_levels(
             [(g, self.states[r.request_id]) for g, r in zip(growers, ready, strict=True)]
         )
-        while levels:
+        while levels and not stop():
             self._forward_level(levels)
             levels = self._next_levels([(lv.grower, lv.state) for lv in levels])
         for req in ready:

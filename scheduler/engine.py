@@ -35,7 +35,7 @@ from core.plan import Completion, RequestOutput, StepPlan, StepReport, StepTimin
 from core.prompt import EncodedPrompt, Prompt
 from core.protocols import DraftClient, PendingDraft, Verifier
 from core.sampling import SamplingParams
-from scheduler.foresight import Foresight, Matched, ProactiveStats, ahead_requests
+from scheduler.foresight import Foresight, Matched, ProactiveGate, ProactiveStats, ahead_requests
 from scheduler.request import RequestState
 from scheduler.scheduler import Scheduler
 from scheduler.snapshot import EngineSnapshot, PrefixCounters
@@ -83,6 +83,7 @@ class _Flight:
     sent_s: float  # perf_counter when the call was handed off (after ``submit`` returned)
     ahead: Matched | None = None  # trees a proactive call drafted for the plan, and its bytes
     ahead_clock: _Clock = _Clock()  # that call, as this step saw it
+    after_chance: bool | None = None  # the step before had a chance to send a proactive call: taken?
 
 
 class DrafterHealth:
@@ -132,6 +133,8 @@ class Engine:
         self.proactive_stats = ProactiveStats()
         self._foresight: Foresight | None = None
         self._stale: list[Foresight] = []  # proactive calls no step needs, read once answered
+        self.gate = ProactiveGate()
+        self._chance: tuple[frozenset[int], bool] | None = None  # its requests, and whether taken
         self.health = DrafterHealth()
         self._ids = itertools.count()
         self._seeds = random.Random(seed)
@@ -200,6 +203,8 @@ class Engine:
         self._foresee(plan)
         report = self.scheduler.update(plan, self.verifier.verify(plan.items))
         timing = clock.after(time.perf_counter() - started)
+        if flight.after_chance is not None and not report.drafter_failed:
+            self.gate.learn(flight.after_chance, timing.draft_ms)
         if not report.drafter_failed:  # a timeout's wait says nothing of what drafting costs
             self.scheduler.learn(report, timing)
         self._sweep_stale()
@@ -262,12 +267,16 @@ class Engine:
         pending: PendingDraft = NOTHING_TO_DRAFT
         if rest and self.drafter is not None:
             pending = self.drafter.submit(rest)
-        self._flights[group] = _Flight(group, plan, pending, time.perf_counter(), ahead, ahead_clock)
+        after = None
+        if self._chance is not None and any(i.request_id in self._chance[0] for i in plan.items):
+            after, self._chance = self._chance[1], None
+        self._flights[group] = _Flight(group, plan, pending, time.perf_counter(), ahead, ahead_clock, after)
 
     def _foresee(self, plan: StepPlan) -> None:
         """Send the proactive call for ``plan``'s trees, about to be verified, when nothing else
         keeps the drafter busy meanwhile: the calls of other groups are answered, and so is the
-        last proactive call (one left unread is stale now: its requests finished)."""
+        last proactive call (one left unread is stale now: its requests finished); and when
+        :class:`scheduler.foresight.ProactiveGate` finds it pays."""
         if not (self.proactive and plan.proposals and self.drafter is not None and self.health.available()):
             return
         if any(not f.pending.done() for f in self._flights.values()):
@@ -277,9 +286,16 @@ class Engine:
                 return
             self._stale.append(self._foresight)
         requests = ahead_requests(plan, self.eos_token_ids)
-        if requests:
-            self._foresight = Foresight.of(requests, self.drafter.submit(requests), time.perf_counter())
-            self._count(ProactiveStats(calls=1, trees=len(requests)))
+        if not requests:
+            return
+        sent = self.gate.send()
+        self._chance = (frozenset(r.request_id for r in requests), sent)
+        if not sent:
+            self._count(ProactiveStats(declined=1))
+            return
+        pending = self.drafter.submit(requests, ahead=True)
+        self._foresight = Foresight.of(requests, pending, time.perf_counter())
+        self._count(ProactiveStats(calls=1, trees=len(requests)))
 
     def _foreseen(self, plan: StepPlan) -> tuple[Matched | None, _Clock]:
         """The trees of ``plan`` the proactive call holds, waiting for it if it may hold one."""

@@ -11,11 +11,17 @@ tree, and the drafter drops the guessed path's KV on its next call (``drafter_po
 
 Outputs stay the target's: a tree drafted ahead is drafted from exactly the context the request
 has when it is used, and the verifier decides alone. Only the speed depends on the guesses.
+
+Whether it pays depends on how often a whole path is accepted, and on what a miss costs (the
+drafter yields to the next ordinary call, but only between tree levels). :class:`ProactiveGate`
+measures it where it runs: the steps after a chance to send a proactive call wait for their
+trees for some time, sent or not, and the gate sends where that wait is shorter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 
@@ -29,6 +35,7 @@ class ProactiveStats:
     """Running sums over an engine's proactive calls (metrics take differences)."""
 
     calls: int = 0
+    declined: int = 0  # chances to send one that the gate let pass
     trees: int = 0  # next trees drafted ahead
     hits: int = 0  # of which a step verified (the branch under the verifier's token)
     wasted_nodes: int = 0  # nodes drafted ahead that no step verified (of calls that answered)
@@ -54,6 +61,52 @@ def ahead_requests(plan: StepPlan, eos_token_ids: frozenset[int]) -> list[DraftR
         budget = DraftBudget(d.budget.max_nodes + 2, d.budget.max_depth + 1, d.budget.compression)
         requests.append(dataclasses.replace(d, output_ids=outputs, budget=budget))
     return requests
+
+
+PROBE_EVERY = 8  # chances between tries of the choice the gate does not prefer
+GATE_DECAY = 0.95  # weight of a step's wait in the gate's means, per later step of the same choice
+
+
+@dataclass
+class _Mean:
+    total: float = 0.0
+    weight: float = 0.0
+
+    def add(self, value: float, decay: float) -> None:
+        self.total = decay * self.total + value
+        self.weight = decay * self.weight + 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.weight if self.weight else math.inf
+
+
+class ProactiveGate:
+    """Whether to take a chance to send a proactive call. The engine reports each step that came
+    after a chance with whether it was taken and how long the step waited for its trees; the gate
+    takes chances while the steps after taken ones wait less on average (recent steps weigh most),
+    and makes the other choice every ``probe_every``-th chance so that either mean stays current
+    (a change of load or of acceptance turns it around). Untried, it sends; with ``probe_every``
+    0 it never declines (so it always sends)."""
+
+    def __init__(self, probe_every: int = PROBE_EVERY, decay: float = GATE_DECAY) -> None:
+        if probe_every == 1 or probe_every < 0 or not 0 < decay <= 1:
+            raise ValueError(f"probe_every must be 0 or >= 2 and decay in (0, 1], got {probe_every}, {decay}")
+        self.probe_every, self.decay = probe_every, decay
+        self.waits = {True: _Mean(), False: _Mean()}
+        self.chances = 0
+
+    @property
+    def preferred(self) -> bool:
+        return self.waits[True].mean <= self.waits[False].mean
+
+    def send(self) -> bool:
+        self.chances += 1
+        probe = self.probe_every > 0 and self.chances % self.probe_every == 0
+        return self.preferred != probe
+
+    def learn(self, sent: bool, wait_ms: float) -> None:
+        self.waits[sent].add(wait_ms, self.decay)
 
 
 @dataclass(frozen=True)

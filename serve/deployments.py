@@ -163,8 +163,8 @@ class DrafterPoolReplica:
             self.metrics.sample(self.server.pool.adapters)
             time.sleep(period_s)
 
-    def propose(self, engine_id: str, releases: list[int], calls: list[Any]) -> Any:
-        return self.server.propose(engine_id, releases, calls)
+    def propose(self, engine_id: str, releases: list[int], calls: list[Any], ahead: bool = False) -> Any:
+        return self.server.propose(engine_id, releases, calls, ahead)
 
     def has_adapter(self, name: str) -> bool:
         return self.server.has_adapter(name)

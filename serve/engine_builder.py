@@ -116,8 +116,9 @@ class DrafterService(DraftClient, Protocol):
 class LocalDrafter(DrafterPool):
     """The drafter pool in this process, measuring its own forward cost."""
 
-    def submit(self, requests: Sequence[DraftRequest]) -> Answered:
-        """Drafts now, in the engine's thread: nothing else runs meanwhile."""
+    def submit(self, requests: Sequence[DraftRequest], ahead: bool = False) -> Answered:
+        """Drafts now, in the engine's thread: nothing else runs meanwhile (so a call ahead
+        gains nothing here: the engine makes none)."""
         start = time.perf_counter()
         proposals = tuple(self.propose(requests))
         return Answered(Drafted(proposals, call_ms=1000 * (time.perf_counter() - start)))

@@ -95,7 +95,7 @@ class RemoteDrafter:
         self._rng = random.Random(seed)  # the link's jitter
         self._threads = ThreadPoolExecutor(LINK_THREADS, thread_name_prefix="covspec-link")
 
-    def submit(self, requests: Sequence[DraftRequest]) -> RemoteDraft:
+    def submit(self, requests: Sequence[DraftRequest], ahead: bool = False) -> RemoteDraft:
         with self._lock:
             calls = [
                 DraftCall(
@@ -113,14 +113,16 @@ class RemoteDrafter:
             self._in_flight.update(ids)
             rng = random.Random(self._rng.getrandbits(64))
         payload = [pack(c) for c in calls]
-        return RemoteDraft(self._threads.submit(self._call, ids, releases, payload, rng))
+        return RemoteDraft(self._threads.submit(self._call, ids, releases, payload, rng, ahead))
 
-    def _call(self, ids: list[int], releases: list[int], payload: list[bytes], rng: random.Random) -> Drafted:
+    def _call(
+        self, ids: list[int], releases: list[int], payload: list[bytes], rng: random.Random, ahead: bool
+    ) -> Drafted:
         """In a link thread: the call across the link and back."""
         start = time.perf_counter()
         try:
             on_link = self.link.carry(sum(map(len, payload)), rng)
-            reply: DraftReply = self.handle.propose.remote(self.engine_id, releases, payload).result(
+            reply: DraftReply = self.handle.propose.remote(self.engine_id, releases, payload, ahead).result(
                 timeout_s=self.timeout_s
             )
             on_link += self.link.carry(sum(map(len, reply.proposals)), rng)
@@ -200,20 +202,28 @@ class DrafterPoolServer:
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool  # serve.engine_builder.LocalDrafter
-        self._lock = threading.Lock()  # Serve may run calls concurrently; the pool is not thread-safe
+        self._lock = threading.Lock()  # Serve runs calls concurrently; the pool is not thread-safe
+        self._waiting = 0  # calls (not ahead) waiting for the lock: a call ahead makes way for them
+        self._count_lock = threading.Lock()
         self._local: dict[tuple[str, int], int] = {}  # (engine, request) -> the pool's request id
         self._prompts: dict[int, Prompt] = {}
         self._next = 0
         self.engines: set[str] = set()  # engine replicas that called (they share this pool)
 
-    def propose(self, engine_id: str, releases: list[int], payload: list[bytes]) -> DraftReply:
-        """One draft call: ``payload`` holds one pickled :class:`DraftCall` per request."""
+    def propose(
+        self, engine_id: str, releases: list[int], payload: list[bytes], ahead: bool = False
+    ) -> DraftReply:
+        """One draft call: ``payload`` holds one pickled :class:`DraftCall` per request. A call
+        ``ahead`` (proactive) stops growing its trees as soon as another call waits."""
         calls: list[DraftCall] = [pickle.loads(p) for p in payload]
+        self._queue(+1, ahead)
         with self._lock:
+            self._queue(-1, ahead)
             self.engines.add(engine_id)
             self._release(engine_id, releases)
             requests = [self._request(engine_id, c) for c in calls]
-            trees = iter(self.pool.propose([r for r in requests if r is not None]))
+            stop = (lambda: self._waiting > 0) if ahead else None
+            trees = iter(self.pool.propose([r for r in requests if r is not None], stop))
             back, unknown = [], []
             for c, req in zip(calls, requests, strict=True):
                 tree = empty_proposal(c.request_id) if req is None else next(trees)
@@ -222,6 +232,11 @@ class DrafterPoolServer:
                 dropped = tree.dropped or req is None
                 back.append(pack(dataclasses.replace(tree, request_id=c.request_id, dropped=dropped)))
             return DraftReply(tuple(back), self.pool.kv_used(), tuple(unknown))
+
+    def _queue(self, step: int, ahead: bool) -> None:
+        if not ahead:
+            with self._count_lock:
+                self._waiting += step
 
     def has_adapter(self, name: str) -> bool:
         with self._lock:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from core.sampling import SamplingParams
+from scheduler.foresight import ProactiveGate
 from serve.engine_builder import BuiltEngine, EngineOptions, build_drafter, build_engine
 from serve.link import Link
 from serve.remote_drafter import DrafterPoolServer, RemoteDrafter
@@ -114,6 +115,7 @@ def test_tokens_from_trees_drafted_ahead_keep_the_target_distribution(
     opts = EngineOptions(policy="fixed", fixed_nodes=2, pipeline=False, proactive=True)
     built = _pipelined(folders, oracle, opts)
     assert built.engine.proactive and not built.engine.pipelined  # the drafter idles otherwise
+    built.engine.gate = ProactiveGate(probe_every=0)  # every chance taken
     prompt = oracle.prompt(text, None, None)
     params = [
         SamplingParams(max_tokens=6, temperature=1.0, top_k=TOP_K, seed=seed, ignore_eos=True)

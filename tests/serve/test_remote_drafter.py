@@ -6,19 +6,23 @@ once, bytes are counted, and every KV block comes back."""
 from __future__ import annotations
 
 import pickle
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from core.draft import DraftBudget, DraftRequest
+from core.draft import DraftBudget, DraftProposal, DraftRequest
 from core.plan import Completion
 from core.prompt import Prompt
 from core.sampling import SamplingParams
 from drafter_pool.pool import empty_proposal
 from models.tiny.samples import EVAL_SEED_START, make_sample
 from scheduler.engine import DrafterHealth, Engine
+from scheduler.foresight import ProactiveGate
 from serve.engine_builder import BuiltEngine, EngineOptions, build_drafter, build_engine
 from serve.link import Link
 from serve.remote_drafter import RELEASE_BATCH, DraftCall, DrafterPoolServer, RemoteDrafter, pack
@@ -48,6 +52,7 @@ def _remote(
     )
     built = build_engine(CHECKPOINTS / "tiny-target", None, opts, remote_drafter=RemoteDrafter(handle, link))
     built.engine.health = DrafterHealth(backoff_s=(0.02, 0.1))
+    built.engine.gate = ProactiveGate(probe_every=0)  # every chance taken: the calls are exercised
     return built, handle
 
 
@@ -115,6 +120,17 @@ def test_lone_requests_verify_trees_drafted_ahead_and_stay_the_targets(
     assert handle.drafts_sent == sum(o.stats.verify_steps for o in outs) - ahead.hits + ahead.trees
     assert ahead.wasted_nodes > 0  # the misses' trees and the hits' other branches
     _pool_is_empty(built, handle)
+
+
+def test_the_gate_learns_from_the_steps_after_each_chance_taken_or_not(oracle: Oracle) -> None:
+    built, _ = _remote(oracle)
+    built.engine.gate = gate = ProactiveGate(probe_every=2)  # every other chance the other choice
+    prompts, expected = _cases(oracle, 2, 967)
+    outs = [run_checked(built.engine, [p], [SamplingParams(max_tokens=48)])[0] for p in prompts]
+    assert [list(o.token_ids) for o in outs] == expected
+    ahead = built.engine.proactive_stats
+    assert gate.chances == ahead.calls + ahead.declined and ahead.calls > 0 and ahead.declined > 0
+    assert gate.waits[True].weight > 0 and gate.waits[False].weight > 0
 
 
 def test_load_aware_calibrates_the_drafter_across_the_link(oracle: Oracle) -> None:
@@ -237,7 +253,7 @@ def test_releases_go_in_a_call_of_their_own_while_nothing_is_drafted() -> None:
     pool still gets them, so it does not hold finished requests' KV."""
     released: list[int] = []
     pool = SimpleNamespace(
-        propose=lambda requests: [empty_proposal(r.request_id) for r in requests],
+        propose=lambda requests, stop: [empty_proposal(r.request_id) for r in requests],
         release=released.append,
         kv_used=lambda: 0.0,
     )
@@ -258,10 +274,37 @@ def test_releases_go_in_a_call_of_their_own_while_nothing_is_drafted() -> None:
 
 def test_a_request_unknown_to_the_pool_without_its_prompt_gets_an_empty_tree_and_is_named() -> None:
     """What a restarted pool answers: the engine sends those prompts again with its next call."""
-    pool = SimpleNamespace(propose=lambda requests: [], kv_used=lambda: 0.0)
+    pool = SimpleNamespace(propose=lambda requests, stop: [], kv_used=lambda: 0.0)
     server = DrafterPoolServer(pool=pool)
     call = DraftCall(3, None, (1,), None, SamplingParams(), None)  # type: ignore[arg-type]
     reply = server.propose("engine-a", [], [pack(call)])
     assert reply.unknown == (3,)
     (tree,) = [pickle.loads(p) for p in reply.proposals]
     assert tree.request_id == 3 and tree.dropped and tree.tree.num_nodes == 0
+
+
+def test_a_call_ahead_stops_growing_its_trees_once_another_call_waits() -> None:
+    """A proactive call holds the pool only until an ordinary call arrives: the pool's ``stop``
+    says so between tree levels (an ordinary call is never cut short)."""
+    entered, seen = threading.Event(), []
+
+    def propose(requests: list[DraftRequest], stop: Callable[[], bool] | None) -> list[DraftProposal]:
+        seen.append(stop)
+        if stop is not None:  # the call ahead: grows levels until another call waits
+            entered.set()
+            deadline = time.monotonic() + 10
+            while not stop() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            seen.append(stop())
+        return [empty_proposal(r.request_id) for r in requests]
+
+    pool = SimpleNamespace(propose=propose, kv_used=lambda: 0.0, release=lambda request_id: None)
+    server = DrafterPoolServer(pool=pool)
+    prompt = Prompt(token_ids=(1, 2, 3))
+    call = pack(DraftCall(1, prompt, (5,), DraftBudget(4, 4), SamplingParams(), None))
+    with ThreadPoolExecutor(2) as threads:
+        ahead = threads.submit(server.propose, "engine-a", [], [call], True)
+        assert entered.wait(10)
+        plain = threads.submit(server.propose, "engine-a", [], [call])
+        ahead.result(timeout=10), plain.result(timeout=10)
+    assert seen[1] is True and seen[2] is None  # the call ahead saw the other waiting; it ran uncut

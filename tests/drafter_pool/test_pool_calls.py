@@ -1,5 +1,6 @@
-"""The drafter pool keeps a request's KV only as far as each call's output tokens agree with the
-previous call's: a guessed path that did not come true is dropped and recomputed, never reused."""
+"""What one draft call asks of the drafter pool: it keeps a request's KV only as far as the call's
+output tokens agree with the previous call's (a guessed path that did not come true is dropped
+and recomputed, never reused), and a call told to stop ends its trees where they are."""
 
 from __future__ import annotations
 
@@ -57,3 +58,14 @@ def test_the_same_outputs_twice_recompute_only_the_root(oracle: Oracle) -> None:
     drafter = _drafter(oracle)
     first = _tree(drafter, oracle, (30, 31))
     assert _tree(drafter, oracle, (30, 31)) == first
+
+
+def test_a_call_told_to_stop_returns_its_trees_as_grown_so_far(oracle: Oracle) -> None:
+    prompt = oracle.prompt("what color is the square?", None, None)
+    request = DraftRequest(0, prompt, (374, 358), BUDGET, SamplingParams())  # the target's first two
+    (whole,) = _drafter(oracle).propose([request])
+    drafter = _drafter(oracle)
+    (cut,) = drafter.propose([request], stop=lambda: True)  # before the first level below the root
+    assert set(cut.tree.parents.tolist()) == {-1} and whole.tree.depths().max() > 1
+    assert cut.tree.token_ids.tolist() == whole.tree.token_ids[whole.tree.parents == -1].tolist()
+    drafter.check_integrity()
