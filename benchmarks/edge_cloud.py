@@ -13,8 +13,9 @@ Layouts, each with the Engine deployment's one CPU (``deploy/local.yaml``: one t
 - ``pipelined``: the same, with two groups of requests: one group's trees are drafted while the
   other group's are verified;
 - ``proactive``: pipelined, and while a step's trees are verified with the drafter otherwise idle,
-  it drafts each request's next tree after the path it rates likeliest (``scheduler.foresight``):
-  the shipped layout.
+  it drafts each request's next tree after the path it rates likeliest (``scheduler.foresight``)
+  where the gate finds that it pays: the shipped layout;
+- ``proactive_always``: the same with every chance taken (what the guesses alone do).
 
 Across the link the drafter pool runs in a Ray actor (1 thread: the edge) and the engine in
 this process (1 thread: the cloud), each call delayed by :class:`serve.link.Link` (half the round
@@ -29,7 +30,7 @@ target decode steps: the ``none`` layout's mean step time at each level.
 
     .venv/bin/python -m benchmarks.edge_cloud [--users 1 4 10 16 25 50 100] [--rtt 0 10 20 50 100]
         [--bandwidth 10 100] [--slow-rtt 10 50] [--per-user-rtt 0 10]
-        [--layouts none none_2cpu in_engine per_user lockstep pipelined proactive]
+        [--layouts none none_2cpu in_engine per_user lockstep pipelined proactive proactive_always]
         [--max-tokens 48] [--requests-per-user 1]
     .venv/bin/python -m benchmarks.edge_cloud --report   # tables and plot from the last results
     .venv/bin/python -m benchmarks.edge_cloud --policy fixed --stem edge_cloud_fixed ...  # trees always
@@ -59,12 +60,15 @@ from core.prompt import Prompt
 from core.sampling import SamplingParams
 from core.verify import VerifyItem, VerifyOutcome
 from models.tiny.samples import EVAL_SEED_START, make_sample
+from scheduler.foresight import ProactiveGate
 from serve.engine_builder import BuiltEngine, EngineOptions, build_drafter, build_engine
 from serve.link import Link
 from serve.remote_drafter import DrafterPoolServer, RemoteDrafter
 
-LAYOUTS = ("none", "none_2cpu", "in_engine", "per_user", "lockstep", "pipelined", "proactive")
-SPLIT = ("per_user", "lockstep", "pipelined", "proactive")  # the drafter pool across the link
+LAYOUTS = (
+    "none", "none_2cpu", "in_engine", "per_user", "lockstep", "pipelined", "proactive", "proactive_always"
+)  # fmt: skip
+SPLIT = ("per_user", "lockstep", "pipelined", "proactive", "proactive_always")  # the pool across the link
 USERS = ("alice", "bob", "carol", "dave")  # personas and their shipped drafter LoRAs, round robin
 EDGE_SEED_OFFSET = 3000
 JITTER = 0.1  # of the round trip
@@ -145,8 +149,8 @@ def build(layout: str, link: Link, policy: str = "load_aware", fixed_nodes: int 
         policy="none" if plain else policy,
         fixed_nodes=fixed_nodes,
         adapters=() if plain else adapters(),
-        pipeline=layout in ("pipelined", "proactive"),
-        proactive=layout == "proactive",
+        pipeline=layout.startswith(("pipelined", "proactive")),
+        proactive=layout.startswith("proactive"),
     )
     torch.set_num_threads(2 if layout == "none_2cpu" else 1)
     if layout not in SPLIT:
@@ -159,6 +163,8 @@ def build(layout: str, link: Link, policy: str = "load_aware", fixed_nodes: int 
     built = build_engine(harness.TARGET, None, options, remote_drafter=remote)
     if layout == "per_user":
         built.engine.verifier = PerRequestVerifier(built.engine.verifier)
+    if layout == "proactive_always":
+        built.engine.gate = ProactiveGate(probe_every=0)
     return Contender(built, actor)
 
 
@@ -280,7 +286,7 @@ def groups(args: argparse.Namespace) -> list[tuple[float, float, list[str]]]:
         for bw in args.bandwidth:
             if bw != fast and rtt not in args.slow_rtt:
                 continue
-            names = ["none", "lockstep", "pipelined", "proactive"]
+            names = ["none", "lockstep", "pipelined", "proactive", "proactive_always"]
             if bw == fast and rtt in args.per_user_rtt:
                 names.append("per_user")
             if bw == fast and rtt == 0:

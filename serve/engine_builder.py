@@ -57,7 +57,8 @@ class EngineOptions:
     # while the other's trees are drafted; a drafter in this process drafts in lockstep
     pipeline: bool = True
     # with a drafter across a link: the drafter drafts each request's next tree after the path it
-    # rates best while the verifier verifies the current one (``scheduler.foresight``)
+    # rates likeliest while the verifier verifies the current one, where that pays
+    # (``scheduler.foresight``)
     proactive: bool = True
     draft_timeout_s: float = DRAFT_TIMEOUT_S  # a draft call not answered by then: plain decoding
 

@@ -125,7 +125,8 @@ class ServeSettings(Strict):
     )
     proactive: bool = Field(
         default=True,
-        description="with a drafter pool: draft each request's next tree while its tree is verified",
+        description="with a drafter pool: draft each request's next tree while its tree is verified "
+        "(where the drafter would idle, and while it shortens the steps' wait for their trees)",
     )
     gateway: DeploymentSettings = DeploymentSettings(num_cpus=0.2, max_ongoing_requests=256)
     prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
