@@ -240,6 +240,8 @@ class DrafterPool:
         """Drop ``state``'s KV past what it shares with ``outputs`` (all but the last token at
         most: the root's distribution comes from its forward); the output tokens it keeps."""
         held = state.outputs
+        if not outputs:  # its first tree grew from the prompt's last token: there is no other
+            raise ValueError("a request the drafter holds is drafted after an output token, got none")
         if outputs[: len(held)] == held and len(outputs) > len(held):
             return len(held)  # the usual call: verified tokens after the ones held
         shared = next((i for i, (a, b) in enumerate(zip(held, outputs, strict=False)) if a != b), len(held))

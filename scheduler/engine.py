@@ -344,6 +344,8 @@ class Engine:
             drafted = flight.pending.result(self.draft_timeout_s)
         except DrafterUnavailable:
             self.health.failed()
+            if flight.ahead is not None:  # its trees go with the others; its bytes crossed all the same
+                self._count(flight.ahead.unbilled(()))
             return plan.undrafted(), _Clock(waited_s=time.perf_counter() - waiting)
         if plan.drafts:
             self.health.answered()

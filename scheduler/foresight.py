@@ -2,12 +2,13 @@
 
 A step sends its trees to the verifier; if the drafter would otherwise sit idle meanwhile, the
 engine sends it a proactive call at once. For each request the call asks for a tree after the
-path the drafter rated best in the tree being verified (each node's first child down to a
-leaf), one level deeper than the step's budget: the new tree's root children are the drafter's
-guesses at the token the verifier adds after an accepted path. When the verifier accepts that
-path whole and its own token is one of those guesses, the branch under it is the request's next
-tree, already drafted (:meth:`core.draft.DraftProposal.after`); any other outcome discards the
-tree, and the drafter drops the guessed path's KV on its next call (``drafter_pool.pool``).
+root-to-leaf path the drafter rates likeliest to be accepted whole in the tree being verified
+(:meth:`core.draft.DraftProposal.likeliest_path`), one level deeper than the step's budget: the
+new tree's root children are the drafter's guesses at the token the verifier adds after it.
+When the verifier accepts that path whole and its own token is one of those guesses, the branch
+under it is the request's next tree, already drafted (:meth:`core.draft.DraftProposal.after`);
+any other outcome discards the tree, and the drafter drops the guessed path's KV on its next
+call (``drafter_pool.pool``).
 
 Outputs stay the target's: a tree drafted ahead is drafted from exactly the context the request
 has when it is used, and the verifier decides alone. Only the speed depends on the guesses.
@@ -39,7 +40,8 @@ class ProactiveStats:
     trees: int = 0  # next trees drafted ahead
     hits: int = 0  # of which a step verified (the branch under the verifier's token)
     wasted_nodes: int = 0  # nodes drafted ahead that no step verified (of calls that answered)
-    # bytes of proactive calls answered after their request finished: no request's stats carry them
+    # bytes of proactive calls that no request's stats carry (read after the request finished,
+    # or without a tree for it in the step that read them)
     unbilled_up: int = 0
     unbilled_down: int = 0
 
@@ -48,7 +50,7 @@ class ProactiveStats:
 
 
 def ahead_requests(plan: StepPlan, eos_token_ids: frozenset[int]) -> list[DraftRequest]:
-    """The proactive call for ``plan`` with its trees: one request per tree whose best path
+    """The proactive call for ``plan`` with its trees: one request per tree whose likeliest path
     could leave its request running, drafted after that path one level deeper than its budget."""
     trees = {p.request_id: p for p in plan.proposals}
     requests = []
@@ -168,5 +170,6 @@ class Matched:
 
     def unbilled(self, billed: Sequence[DraftProposal]) -> ProactiveStats:
         """The bytes of the call that no proposal of ``billed`` carries."""
-        rest = [b for rid, b in self.link_bytes.items() if rid not in {p.request_id for p in billed}]
+        carried = {p.request_id for p in billed}
+        rest = [b for rid, b in self.link_bytes.items() if rid not in carried]
         return ProactiveStats(unbilled_up=sum(u for u, _ in rest), unbilled_down=sum(d for _, d in rest))

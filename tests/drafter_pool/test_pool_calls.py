@@ -69,3 +69,10 @@ def test_a_call_told_to_stop_returns_its_trees_as_grown_so_far(oracle: Oracle) -
     assert set(cut.tree.parents.tolist()) == {-1} and whole.tree.depths().max() > 1
     assert cut.tree.token_ids.tolist() == whole.tree.token_ids[whole.tree.parents == -1].tolist()
     drafter.check_integrity()
+
+
+def test_a_held_request_asked_for_a_tree_after_no_output_is_refused(oracle: Oracle) -> None:
+    drafter = _drafter(oracle)
+    _tree(drafter, oracle, ())
+    with pytest.raises(ValueError, match="after an output token"):
+        _tree(drafter, oracle, ())
