@@ -207,6 +207,7 @@ class GatewayServer:
             default_max_tokens=settings.default_max_tokens,
             max_body_bytes=settings.max_body_bytes,
             max_in_flight=settings.max_in_flight,
+            tenant_share=settings.tenant_share,
             public_system_prompts=frozenset(settings.prefix_cache.public_system_prompts),
         )
         processor = AutoProcessor.from_pretrained(settings.target, local_files_only=True)

@@ -4,7 +4,9 @@
 :class:`EngineClient` (an in-process ``AsyncEngine``, or the Engine deployment's handle under Ray
 Serve), so the same code serves both. Every client mistake is answered in OpenAI's error shape
 with a 4xx; a request is admitted only while fewer than ``max_in_flight`` are running (503 with
-``Retry-After`` otherwise, safe to retry: nothing started). A streaming client that disconnects
+``Retry-After`` otherwise, safe to retry: nothing started), and while its tenant holds less than
+its share of them (``tenant_share``; 429 with ``Retry-After`` otherwise), so a tenant flooding
+the server cannot take the room of the others. A streaming client that disconnects
 cancels its request, which aborts it in the engine and frees its KV and drafter state.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,6 +55,8 @@ class GatewayConfig:
     default_max_tokens: int = 256
     max_body_bytes: int = 16 * 1024 * 1024
     max_in_flight: int = 64
+    # the fraction of ``max_in_flight`` one tenant may hold (at least one request)
+    tenant_share: float = 0.5
     retry_after_s: int = 1
     public_system_prompts: frozenset[str] = frozenset()  # system turns whose KV all tenants share
 
@@ -90,6 +95,7 @@ class Gateway:
         self.engine, self.processor, self.keys, self.config = engine, processor, keys, config
         self.record = record
         self.in_flight = 0
+        self.tenant_in_flight: Counter[str] = Counter()  # tenants with requests running, and how many
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -103,7 +109,7 @@ class Gateway:
         caller = None
         try:
             caller = self.keys.authenticate(request.headers.get("authorization"))
-            self._check_capacity()  # before reading images: shed load cheaply
+            self._check_capacity(caller.tenant)  # before reading images: shed load cheaply
             req = parse_request(await self._body(request))
             adapter = self._adapter(caller, req.model)
             cfg = self.config
@@ -111,18 +117,18 @@ class Gateway:
                 req, self.processor, cfg.image_limits, cfg.default_max_tokens, caller.tenant,
                 cfg.public_system_prompts,
             )  # fmt: skip
-            self._check_capacity()  # others may have been admitted meanwhile
+            self._check_capacity(caller.tenant)  # others may have been admitted meanwhile
             outputs = self.engine.stream(work.prompt, work.sampling, adapter)
-            first = await self._start(outputs)
+            first = await self._start(outputs, caller.tenant)
         except APIError as e:
             return error_response(e), None if caller is None else caller.tenant
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         model = req.model or self.config.model_name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._events(first, outputs, request_id, model, adapter, include_usage)
+            events = self._events(first, outputs, request_id, model, adapter, include_usage, caller.tenant)
             return StreamingResponse(events, media_type="text/event-stream"), caller.tenant
-        completion = await self._finish(first, outputs)
+        completion = await self._finish(first, outputs, caller.tenant)
         stats = completion.stats
         body = completion_body(
             request_id, model, completion.text, completion.finish_reason,
@@ -149,11 +155,27 @@ class Gateway:
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def _check_capacity(self) -> None:
-        if self.in_flight >= self.config.max_in_flight:
+    def _check_capacity(self, tenant: str) -> None:
+        cfg = self.config
+        if self.in_flight >= cfg.max_in_flight:
+            raise APIError(503, "the server is at capacity; retry shortly", retry_after_s=cfg.retry_after_s)
+        share = max(int(cfg.tenant_share * cfg.max_in_flight), 1)
+        if self.tenant_in_flight[tenant] >= share:
             raise APIError(
-                503, "the server is at capacity; retry shortly", retry_after_s=self.config.retry_after_s
+                429,
+                f"your tenant already has {share} requests running, its share of this server; retry shortly",
+                retry_after_s=cfg.retry_after_s,
             )
+
+    def _enter(self, tenant: str) -> None:
+        self.in_flight += 1
+        self.tenant_in_flight[tenant] += 1
+
+    def _leave(self, tenant: str) -> None:
+        self.in_flight -= 1
+        self.tenant_in_flight[tenant] -= 1
+        if not self.tenant_in_flight[tenant]:
+            del self.tenant_in_flight[tenant]  # the counter holds running tenants only
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused (413) as soon as it is known to exceed the limit."""
@@ -181,11 +203,13 @@ class Gateway:
             return own
         raise APIError(404, f"model {model!r} does not exist or is not yours", "model")
 
-    async def _start(self, outputs: AsyncIterator[RequestOutput | Completion]) -> RequestOutput | Completion:
+    async def _start(
+        self, outputs: AsyncIterator[RequestOutput | Completion], tenant: str
+    ) -> RequestOutput | Completion:
         """The request's first output: a refused request fails here, before any byte is sent.
         Whatever ends the wait instead (a refusal, a dead engine, the caller's cancellation) gives
         the request's place back and closes its stream, which aborts it in the engine."""
-        self.in_flight += 1
+        self._enter(tenant)
         started = False
         try:
             first = await anext(outputs)
@@ -199,11 +223,11 @@ class Gateway:
             ) from e
         finally:
             if not started:
-                self.in_flight -= 1
+                self._leave(tenant)
                 await _close(outputs)
 
     async def _finish(
-        self, first: RequestOutput | Completion, rest: AsyncIterator[RequestOutput | Completion]
+        self, first: RequestOutput | Completion, rest: AsyncIterator[RequestOutput | Completion], tenant: str
     ) -> Completion:
         try:
             item = first
@@ -211,7 +235,7 @@ class Gateway:
                 item = await anext(rest)
             return item
         finally:
-            self.in_flight -= 1
+            self._leave(tenant)
             await _close(rest)
 
     async def _events(
@@ -222,6 +246,7 @@ class Gateway:
         model: str,
         adapter: str | None,
         include_usage: bool,
+        tenant: str,
     ) -> AsyncIterator[str]:
         try:
             yield sse(chunk_body(request_id, model, {"role": "assistant", "content": ""}))
@@ -249,7 +274,7 @@ class Gateway:
             yield sse(APIError(503, f"the engine stopped: {e}").body())
             yield sse("[DONE]")
         finally:  # also on disconnect: closing the engine stream aborts the request
-            self.in_flight -= 1
+            self._leave(tenant)
             await _close(rest)
 
 

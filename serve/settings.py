@@ -116,6 +116,9 @@ class ServeSettings(Strict):
     image_fetch_timeout_s: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(default=64, ge=1, description="per gateway replica; beyond it 503")
+    tenant_share: float = Field(
+        default=0.5, gt=0, le=1, description="the share of max_in_flight one tenant may hold; beyond it 429"
+    )
     engine: DeploymentSettings = DeploymentSettings(num_cpus=1.0)
     # the drafter as its own deployment (called once per engine step); None: inside each engine
     drafter_pool: DrafterPoolSettings | None = None

@@ -239,7 +239,7 @@ class HeldEngine:
 
 def test_overload_gets_503_with_retry_after_not_a_hang(server: Server, tmp_path: Path) -> None:
     engine = HeldEngine()
-    config = GatewayConfig(max_in_flight=2, retry_after_s=3)
+    config = GatewayConfig(max_in_flight=2, tenant_share=1.0, retry_after_s=3)
     gateway = Gateway(engine, server.built.processor, server.gateway.keys, config)
     with serving(make_app(gateway)) as url, ThreadPoolExecutor(2) as pool:
         held = [pool.submit(post, replace(server, url=url), user_message(TEXT)) for _ in range(2)]
@@ -319,16 +319,16 @@ def test_a_request_cancelled_before_its_first_token_gives_its_place_back(server:
             closed.append(True)
 
     async def cancel_while_waiting() -> None:
-        task = asyncio.create_task(gateway._start(never_starts()))
+        task = asyncio.create_task(gateway._start(never_starts(), "t-bob"))
         await asyncio.sleep(0.05)
-        assert gateway.in_flight == 1
+        assert gateway.in_flight == 1 and gateway.tenant_in_flight["t-bob"] == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     gateway = Gateway(HeldEngine(), server.built.processor, server.gateway.keys, GatewayConfig())
     asyncio.run(cancel_while_waiting())
-    assert gateway.in_flight == 0 and closed == [True]  # place given back, engine stream closed
+    assert gateway.in_flight == 0 and not gateway.tenant_in_flight and closed == [True]  # place given back
 
 
 def cached_and_text(server: Server, user: str, sample: object) -> tuple[int, str]:
@@ -367,3 +367,28 @@ def test_a_public_system_prompt_is_shared_across_tenants_up_to_its_end(
     block = server.built.engine.scheduler.pool.block_size
     assert cached == public // block * block > 0
     assert text == expected_text(oracle, sample, 32)
+
+
+def test_a_tenant_over_its_share_gets_429_while_another_tenant_is_admitted(server: Server) -> None:
+    engine = HeldEngine()
+    config = GatewayConfig(max_in_flight=4, tenant_share=0.5, retry_after_s=2)  # two per tenant
+    gateway = Gateway(engine, server.built.processor, server.gateway.keys, config)
+    here = replace(server, url="")
+    with serving(make_app(gateway)) as url, ThreadPoolExecutor(3) as pool:
+        here.url = url
+        held = [pool.submit(post, here, user_message(TEXT), "bob") for _ in range(2)]
+        deadline = time.time() + 10
+        while engine.started < 2:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        refused = post(here, user_message(TEXT), "bob")
+        quiet = pool.submit(post, here, user_message(TEXT), "alice")
+        while engine.started < 3:  # the other tenant's request reached the engine
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert dict(gateway.tenant_in_flight) == {"t-bob": 2, "t-alice": 1}
+        engine.release.set()
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert [f.result().status_code for f in [*held, quiet]] == [400, 400, 400]  # the engine's answer
+    assert gateway.in_flight == 0 and not gateway.tenant_in_flight  # every place given back
