@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,9 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmarks import harness
+from loadtest.service import start_service, stop_service
 from loadtest.summary import stats_rows
 from serve.local_redis import free_port
 
@@ -37,22 +35,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "in_engine": {"drafter_pool": None},  # the drafter inside the engine replica
     "no_spec": {"drafter": None, "policy": "none", "drafter_pool": None},
 }
-
-
-def start_service(overrides: dict[str, Any], port: int) -> subprocess.Popen[str]:
-    config = yaml.safe_load((harness.ROOT / "deploy" / "local.yaml").read_text())
-    config["applications"][0]["args"].update(overrides)
-    path = Path(tempfile.mkdtemp()) / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "serve.cli", "serve", "--config", str(path), "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd, cwd=harness.ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "is up" in line:
-            return proc
-    raise RuntimeError("covspec serve exited before coming up")
 
 
 def run_level(url: str, users: int, seconds: int, out: Path) -> dict[str, Any]:
@@ -108,8 +90,7 @@ def main() -> None:
                 print(name, json.dumps(row))
                 result[name].append(row)
         finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
+            stop_service(proc)
     harness.write_report(args.out / args.stem, result, report(result))
 
 

@@ -207,3 +207,18 @@ def test_prefix_kv_survives_a_restart_through_redis_and_stays_in_its_tenant(
 
     ray_app.redis.stop()  # Redis gone: still answered, just computed
     assert ask(ray_app, "alice", turns[3]) == (200, 0, expected(3))
+
+
+def test_a_flooding_tenant_gets_429s_while_a_quiet_tenant_is_served(ray_app: RayApp) -> None:
+    """The fairness scenario's loads, briefly, through Ray Serve: 40 concurrent requests of one
+    tenant against its share of 32 (half of ``max_in_flight``), 2 of another tenant's."""
+    import asyncio
+
+    from loadtest.scenarios import run_tenants
+
+    loads = {"quiet": (ray_app.keys["alice"], "alice", 2), "flooder": (ray_app.keys["bob"], "bob", 40)}
+    tallies = asyncio.run(run_tenants(f"{ray_app.url}/v1/chat/completions", loads, seconds=4))
+    quiet, flooder = tallies["quiet"], tallies["flooder"]
+    assert set(quiet.statuses) == {200} and quiet.latencies_s  # never refused
+    assert set(flooder.statuses) == {200, 429} and flooder.statuses[429] > 0
+    assert not flooder.missing_retry_after and not flooder.errors and not quiet.errors
