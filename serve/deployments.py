@@ -226,6 +226,10 @@ class GatewayServer:
     async def health(self) -> Response:
         return await self.gateway.health()
 
+    def drain(self) -> int:
+        """Stop admitting (``covspec serve`` stopping); the requests still running."""
+        return self.gateway.drain()
+
 
 EngineDeployment = serve.deployment(name="Engine")(EngineServer)
 DrafterPoolDeployment = serve.deployment(name="DrafterPool")(DrafterPoolReplica)

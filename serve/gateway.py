@@ -95,6 +95,7 @@ class Gateway:
         self.engine, self.processor, self.keys, self.config = engine, processor, keys, config
         self.record = record
         self.in_flight = 0
+        self.draining = False  # the server is stopping: nothing new is admitted, /health says 503
         self.tenant_in_flight: Counter[str] = Counter()  # tenants with requests running, and how many
 
     # -- routes ---------------------------------------------------------------------------
@@ -149,14 +150,25 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self) -> Response:
+        if self.draining:
+            stopping = APIError(503, "the server is stopping", retry_after_s=self.config.retry_after_s)
+            return error_response(stopping)
         if await self.engine.alive():
             return Response(status_code=200)
         return error_response(APIError(503, "the engine loop is not running"))
+
+    def drain(self) -> int:
+        """Admit nothing new from now on (503 with ``Retry-After``: another replica, or this one
+        restarted, may take it); the requests still running, which finish as usual."""
+        self.draining = True
+        return self.in_flight
 
     # -- pieces ---------------------------------------------------------------------------
 
     def _check_capacity(self, tenant: str) -> None:
         cfg = self.config
+        if self.draining:
+            raise APIError(503, "the server is stopping; retry shortly", retry_after_s=cfg.retry_after_s)
         if self.in_flight >= cfg.max_in_flight:
             raise APIError(503, "the server is at capacity; retry shortly", retry_after_s=cfg.retry_after_s)
         share = max(int(cfg.tenant_share * cfg.max_in_flight), 1)

@@ -116,6 +116,9 @@ class ServeSettings(Strict):
     image_fetch_timeout_s: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(default=64, ge=1, description="per gateway replica; beyond it 503")
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="covspec serve stopping: how long running requests may take to finish"
+    )
     tenant_share: float = Field(
         default=0.5, gt=0, le=1, description="the share of max_in_flight one tenant may hold; beyond it 429"
     )

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from serve.commands.base import Command
 
 DEFAULT_CONFIG = Path("deploy/local.yaml")
+STOP_RAY_S = 6.0  # a Ray whose processes are gone already can hang its own shutdown: not waited for
+DRAIN_CALL_S = 3.0  # one call to the Gateway while stopping, at most
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -61,19 +66,79 @@ def _serve(args: argparse.Namespace) -> int:
     cache = type(cache).model_validate({**cache.model_dump(), "redis_url": redis_url})
     settings = settings.model_copy(update={"prefix_cache": cache})
     started_ray = not os.environ.get("RAY_ADDRESS")
+    stop = threading.Event()
+    stopped = True
     try:
         context = ray.init(address=os.environ.get("RAY_ADDRESS"), dashboard_host="127.0.0.1")
+        _on_signals(stop)  # after ray.init, which sets handlers of its own
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(settings.model_dump(mode="json")), name="covspec", route_prefix="/")
+        gateway = serve.get_deployment_handle("Gateway", app_name="covspec")  # now, while Ray is up
         _announce(args, context, redis_url or "none (prefix cache off)")
-        _wait_for_signal()
+        stop.wait()
+        print("Stopping: no new requests; waiting for the running ones ...", flush=True)
+        _drain(gateway, settings.shutdown_grace_s)
     finally:
-        serve.shutdown()
-        if started_ray:
-            ray.shutdown()
+        stopped = _within(STOP_RAY_S, lambda: _stop(started_ray))
         if redis is not None:
             redis.stop()
+    print("Stopped." if stopped else "Stopped (Ray was already going down).", flush=True)
+    if not stopped:
+        os._exit(0)  # Ray's exit hook would wait on the same dead processes
     return 0
+
+
+def _within(seconds: float, work: Callable[[], None]) -> bool:
+    """Run ``work``, waiting for it ``seconds`` at most; whether it finished."""
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
+
+
+def _on_signals(stop: threading.Event) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (``docker stop``, systemd, Kubernetes) start a clean stop; a
+    second one during the stop is ignored, so the stop finishes."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+def _drain(gateway: Any, grace_s: float) -> None:
+    """The Gateway admits nothing new (503 + Retry-After); running requests get ``grace_s`` to
+    finish. A Ray already going down (its processes got the signal too) ends the wait: a call
+    to it may then block, so each one is given ``DRAIN_CALL_S``."""
+    deadline = time.monotonic() + grace_s
+    while (running := _ask_drain(gateway)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if running is None:
+        print("  (no gateway answered: Ray is going down already)", flush=True)
+
+
+def _ask_drain(gateway: Any) -> int | None:
+    """The Gateway's running requests once told to drain; None without an answer in time."""
+    answer: list[int] = []
+
+    def ask() -> None:
+        with contextlib.suppress(Exception):  # gone: no answer
+            answer.append(gateway.drain.remote().result(timeout_s=DRAIN_CALL_S))
+
+    _within(DRAIN_CALL_S, ask)
+    return answer[0] if answer else None
+
+
+def _stop(started_ray: bool) -> None:
+    """Take the app down. A Ray this command started goes with its actors at once (no replica
+    is waited for: the drain is done); on a cluster it joined, only the app is deleted."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        if not started_ray:
+            serve.delete("covspec")
+    finally:
+        ray.shutdown()
 
 
 def deployment_states() -> str:
@@ -99,13 +164,6 @@ def _announce(args: argparse.Namespace, context: Any, redis_url: str) -> None:
         f"Ctrl-C stops everything this command started.",
         flush=True,
     )
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
 
 
 SERVE = Command(

@@ -392,3 +392,26 @@ def test_a_tenant_over_its_share_gets_429_while_another_tenant_is_admitted(serve
         assert refused.json()["error"]["type"] == "rate_limit_error"
         assert [f.result().status_code for f in [*held, quiet]] == [400, 400, 400]  # the engine's answer
     assert gateway.in_flight == 0 and not gateway.tenant_in_flight  # every place given back
+
+
+def test_a_draining_gateway_refuses_new_requests_and_lets_running_ones_finish(server: Server) -> None:
+    """What ``covspec serve`` does on SIGTERM / SIGINT before taking the app down."""
+    engine = HeldEngine()
+    gateway = Gateway(engine, server.built.processor, server.gateway.keys, GatewayConfig(retry_after_s=4))
+    here = replace(server, url="")
+    with serving(make_app(gateway)) as url, ThreadPoolExecutor(1) as pool:
+        here.url = url
+        running = pool.submit(post, here, user_message(TEXT))
+        deadline = time.time() + 10
+        while engine.started < 1:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert gateway.drain() == 1  # one request still running
+        refused = post(here, user_message(TEXT))
+        health = httpx.get(f"{url}/health")
+        engine.release.set()
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "4"
+        assert "stopping" in refused.json()["error"]["message"]
+        assert health.status_code == 503
+        assert running.result().status_code == 400  # answered by the engine, not cut off
+        assert engine.started == 1 and gateway.in_flight == 0
