@@ -1,12 +1,22 @@
 """Reliability scenarios against a live ``covspec serve``, each printing what held, with numbers.
 
     .venv/bin/python -m loadtest.scenarios fairness [--flood 200] [--seconds 60]
+    .venv/bin/python -m loadtest.scenarios overload [--seconds 60]
 
 ``fairness``: one tenant floods the server with ``--flood`` concurrent requests for
 ``--seconds`` while a quiet tenant sends 2 at a time; before that, the quiet tenant runs alone
 for a third as long. Held when no quiet request is refused and its median latency under the
 flood stays within 3x its median alone. Every flood response must be a 200, or a 429 / 503 with
-``Retry-After``. Results go to ``loadtest/results/<scenario>.json``.
+``Retry-After``.
+
+``overload``: the four demo tenants stream answers with as many clients in all as the gateway
+admits (``max_in_flight``: its capacity), then twice and five times that, a third of
+``--seconds`` each. Held when every response is a 200 or a 429 / 503 with ``Retry-After``, the
+server's memory (the resident size of ``covspec serve`` and every process under it) grows less
+than 10 % from capacity to five times it, and the admitted requests' P99 time to first token at
+five times capacity stays within 3x its value at capacity.
+
+Results go to ``loadtest/results/<scenario>.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import functools
 import io
 import json
 import statistics
@@ -26,20 +38,26 @@ from typing import Any
 
 import httpx
 
-from loadtest.service import ROOT, start_service, stop_service
+from loadtest.service import ROOT, shipped_args, start_service, stop_service
 from models.tiny.personas import get_persona
 from models.tiny.samples import EVAL_SEED_START, make_sample
 from serve.local_redis import free_port
 
 RESULTS = ROOT / "loadtest" / "results"
-QUIET, FLOODER = "sk-demo-alice", "sk-demo-bob"  # two tenants (deploy/demo-keys.yaml)
+DEMO_KEYS = {user: f"sk-demo-{user}" for user in ("alice", "bob", "carol", "dave")}  # a tenant each
+QUIET, FLOODER = DEMO_KEYS["alice"], DEMO_KEYS["bob"]
+
 MAX_TOKENS = 32
+SCENES = 32  # distinct scenes per user
 LATENCY_RATIO = 3.0  # the quiet tenant's median under the flood, against its median alone
 
 
+@functools.lru_cache(maxsize=256)
 def chat_body(seed: int, user: str) -> dict[str, Any]:
-    """A ShapesWorld question about its scene, in ``user``'s persona (a PNG inline)."""
-    sample = make_sample(EVAL_SEED_START + 50_000 + seed, user)
+    """A ShapesWorld question about its scene, in ``user``'s persona (a PNG inline); one of
+    ``SCENES`` per user, made once: the client shares the server's cores, and encoding a PNG per
+    request (hundreds a second when refused ones retry) would slow the server it measures."""
+    sample = make_sample(EVAL_SEED_START + 50_000 + seed % SCENES, user)
     png = io.BytesIO()
     sample.image().save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
@@ -49,37 +67,56 @@ def chat_body(seed: int, user: str) -> dict[str, Any]:
     return {"model": "tiny-target", "messages": messages, "max_tokens": MAX_TOKENS}
 
 
+def quantile(ordered: list[float], q: float) -> float | None:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
 @dataclass
 class Tally:
     """What one tenant's requests got."""
 
     statuses: Counter[int] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)  # of the 200s
+    ttfts_s: list[float] = field(default_factory=list)  # of the 200s, streamed: to the first event
     missing_retry_after: int = 0  # 429 / 503 answers without the header
     errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer at all
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_s)
+        ttft = sorted(self.ttfts_s)
         return {
             "requests": sum(self.statuses.values()) + sum(self.errors.values()),
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "median_s": statistics.median(lat) if lat else None,
-            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "p99_s": quantile(lat, 0.99),
+            "ttft_p50_s": quantile(ttft, 0.5),
+            "ttft_p99_s": quantile(ttft, 0.99),
             "missing_retry_after": self.missing_retry_after,
             "errors": dict(self.errors),
         }
 
 
 async def closed_loop(
-    client: httpx.AsyncClient, url: str, key: str, user: str, until: float, tally: Tally, worker: int
+    client: httpx.AsyncClient,
+    url: str,
+    load: Load,
+    until: float,
+    tally: Tally,
+    worker: int,
 ) -> None:
     """Send one request after another until ``until``; a refused one waits its Retry-After."""
     seed = worker * 10_000
+    headers = {"authorization": f"Bearer {load.key}"}
     while time.monotonic() < until:
         seed += 1
+        body = {**chat_body(seed, load.user), "stream": load.stream}
         start = time.monotonic()
         try:
-            r = await client.post(url, json=chat_body(seed, user), headers={"authorization": f"Bearer {key}"})
+            async with client.stream("POST", url, json=body, headers=headers) as r:
+                first = None
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: "):
+                        first = time.monotonic() - start
         except httpx.HTTPError as e:
             tally.errors[type(e).__name__] += 1
             await asyncio.sleep(0.5)
@@ -87,32 +124,44 @@ async def closed_loop(
         tally.statuses[r.status_code] += 1
         if r.status_code == 200:
             tally.latencies_s.append(time.monotonic() - start)
+            if first is not None:
+                tally.ttfts_s.append(first)
         elif r.status_code in (429, 503):
             retry = r.headers.get("retry-after")
             tally.missing_retry_after += retry is None
             await asyncio.sleep(float(retry or 1))
 
 
-async def run_tenants(url: str, loads: dict[str, tuple[str, str, int]], seconds: float) -> dict[str, Tally]:
-    """``loads``: tenant label -> (API key, persona user, concurrent requests), run together."""
+@dataclass(frozen=True)
+class Load:
+    """One tenant's share of a scenario: its key, its persona, its concurrent requests."""
+
+    key: str
+    user: str
+    count: int
+    stream: bool = False
+
+
+async def run_tenants(url: str, loads: dict[str, Load], seconds: float) -> dict[str, Tally]:
+    """``loads`` (by label) run together for ``seconds``; what each label's requests got."""
     tallies = {label: Tally() for label in loads}
     until = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         await asyncio.gather(
             *(
-                closed_loop(client, url, key, user, until, tallies[label], worker)
-                for label, (key, user, count) in loads.items()
-                for worker in range(count)
+                closed_loop(client, url, load, until, tallies[label], worker)
+                for label, load in loads.items()
+                for worker in range(load.count)
             )
         )
     return tallies
 
 
-def fairness(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    quiet = (QUIET, "alice", 2)
+def fairness(service: Service, args: argparse.Namespace) -> dict[str, Any]:
+    url, quiet = service.url, Load(QUIET, "alice", 2)
     alone = asyncio.run(run_tenants(url, {"quiet": quiet}, args.seconds / 3))["quiet"]
-    loads = {"quiet": quiet, "flooder": (FLOODER, "bob", args.flood)}
+    loads = {"quiet": quiet, "flooder": Load(FLOODER, "bob", args.flood)}
     flood = asyncio.run(run_tenants(url, loads, args.seconds))
     alone_s, under_s = alone.summary()["median_s"], flood["quiet"].summary()["median_s"]
     ratio = under_s / alone_s if alone_s and under_s else None
@@ -140,7 +189,75 @@ def fairness(url: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-SCENARIOS: dict[str, Callable[[str, argparse.Namespace], dict[str, Any]]] = {"fairness": fairness}
+def overload(service: Service, args: argparse.Namespace) -> dict[str, Any]:
+    levels: dict[str, Any] = {}
+    for name, factor in (("capacity", 1), ("2x", 2), ("5x", 5)):
+        capacity = int(shipped_args()["max_in_flight"])  # the gateway's
+        per_tenant = factor * capacity // len(DEMO_KEYS)
+        loads = {user: Load(key, user, per_tenant, stream=True) for user, key in DEMO_KEYS.items()}
+        tallies = asyncio.run(run_tenants(service.url, loads, args.seconds / 3))
+        everyone = Tally()
+        for t in tallies.values():
+            everyone.statuses.update(t.statuses)
+            everyone.errors.update(t.errors)
+            everyone.latencies_s += t.latencies_s
+            everyone.ttfts_s += t.ttfts_s
+            everyone.missing_retry_after += t.missing_retry_after
+        levels[name] = {"clients": factor * capacity, **everyone.summary(), "rss_mb": service.rss_mb()}
+    odd = {
+        name: {k: v for k, v in lv["statuses"].items() if k not in ("200", "429", "503")}
+        for name, lv in levels.items()
+    }
+    unanswered = sum(sum(lv["errors"].values()) + lv["missing_retry_after"] for lv in levels.values())
+    growth = levels["5x"]["rss_mb"] / levels["capacity"]["rss_mb"] - 1
+    ttft_cap, ttft_5x = levels["capacity"]["ttft_p99_s"], levels["5x"]["ttft_p99_s"]
+    ttft_ratio = ttft_5x / ttft_cap if ttft_cap and ttft_5x else None
+    checks = {
+        "every answer a 200, or a 429 / 503 with Retry-After": (
+            not any(odd.values()) and not unanswered,
+            f"other statuses {({k: v for k, v in odd.items() if v}) or 'none'}; {unanswered} unanswered or "
+            "without Retry-After",
+        ),
+        "memory grows < 10 % from capacity to 5x": (
+            growth < 0.10,
+            f"{levels['capacity']['rss_mb']:.0f} MB -> {levels['5x']['rss_mb']:.0f} MB "
+            f"({100 * growth:+.1f} %)",
+        ),
+        "admitted requests' P99 TTFT at 5x within 3x capacity's": (
+            ttft_ratio is not None and ttft_ratio <= 3,
+            f"{1000 * (ttft_5x or 0):.0f} ms vs {1000 * (ttft_cap or 0):.0f} ms ({ttft_ratio or 0:.2f}x)",
+        ),
+    }
+    return {
+        "seconds_per_level": args.seconds / 3,
+        "levels": levels,
+        "checks": {name: {"held": held, "measured": text} for name, (held, text) in checks.items()},
+    }
+
+
+@dataclass(frozen=True)
+class Service:
+    """A running ``covspec serve``: where to send requests, and its process."""
+
+    url: str
+    pid: int
+
+    def rss_mb(self) -> float:
+        """Resident memory of the service and every process under it (Ray's, Redis)."""
+        import psutil
+
+        root = psutil.Process(self.pid)
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total / 2**20
+
+
+SCENARIOS: dict[str, Callable[[Service, argparse.Namespace], dict[str, Any]]] = {
+    "fairness": fairness,
+    "overload": overload,
+}
 
 
 def print_table(name: str, result: dict[str, Any]) -> None:
@@ -151,6 +268,8 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     for label in ("alone", "quiet", "flooder"):
         if label in result:
             print(f"{label}: {json.dumps(result[label])}")
+    for level, row in result.get("levels", {}).items():
+        print(f"{level}: {json.dumps(row)}")
 
 
 def main() -> None:
@@ -163,7 +282,8 @@ def main() -> None:
     port = free_port()
     proc = start_service({}, port)
     try:
-        result = SCENARIOS[args.scenario](f"http://127.0.0.1:{port}/v1/chat/completions", args)
+        service = Service(f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)
+        result = SCENARIOS[args.scenario](service, args)
     finally:
         stop_service(proc)
     result["config"] = "deploy/local.yaml"

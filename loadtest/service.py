@@ -12,12 +12,19 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "deploy" / "local.yaml"
+
+
+def shipped_args() -> dict[str, Any]:
+    """The app ``args`` of ``deploy/local.yaml``."""
+    args: dict[str, Any] = yaml.safe_load(SHIPPED.read_text())["applications"][0]["args"]
+    return args
 
 
 def start_service(overrides: dict[str, Any], port: int) -> subprocess.Popen[str]:
     """``covspec serve`` on ``port`` with the shipped config's app ``args`` updated by
     ``overrides``; returns once it says it is up."""
-    config = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    config = yaml.safe_load(SHIPPED.read_text())
     config["applications"][0]["args"].update(overrides)
     path = Path(tempfile.mkdtemp()) / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -214,9 +214,10 @@ def test_a_flooding_tenant_gets_429s_while_a_quiet_tenant_is_served(ray_app: Ray
     tenant against its share of 32 (half of ``max_in_flight``), 2 of another tenant's."""
     import asyncio
 
-    from loadtest.scenarios import run_tenants
+    from loadtest.scenarios import Load, run_tenants
 
-    loads = {"quiet": (ray_app.keys["alice"], "alice", 2), "flooder": (ray_app.keys["bob"], "bob", 40)}
+    keys = ray_app.keys
+    loads = {"quiet": Load(keys["alice"], "alice", 2), "flooder": Load(keys["bob"], "bob", 40)}
     tallies = asyncio.run(run_tenants(f"{ray_app.url}/v1/chat/completions", loads, seconds=4))
     quiet, flooder = tallies["quiet"], tallies["flooder"]
     assert set(quiet.statuses) == {200} and quiet.latencies_s  # never refused
