@@ -16,8 +16,8 @@ A drafter that does not answer costs one step's trees, never a request: the engi
 plainly and asks again after a backoff.
 
 Proactive (``scheduler.foresight``), while a step's trees are verified and no other call keeps
-the drafter busy, the drafter drafts each request's next tree after the path it rates best:
-when the verifier accepts that path, the next step's tree is there without a call.
+the drafter busy, the drafter drafts each request's next tree after the path it rates likeliest
+to be accepted: when the verifier accepts that path, the next step's tree is there without a call.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class Foresight:
             branch = tree.after(d.output_ids[-1], d.budget)
             if branch is not None and branch.tree.num_nodes:
                 ready[d.request_id] = branch
-        used = sum(ready[p.request_id].tree.num_nodes + 1 for p in drafted.proposals if p.request_id in ready)
+        used = sum(branch.tree.num_nodes + 1 for branch in ready.values())  # with the token it hangs on
         link = {p.request_id: (p.bytes_up, p.bytes_down) for p in drafted.proposals}
         wasted = sum(p.tree.num_nodes for p in drafted.proposals) - used
         return Matched(ready, wasted, link, drafted.call_ms, drafted.link_ms)

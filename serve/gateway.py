@@ -94,9 +94,13 @@ class Gateway:
     ) -> None:
         self.engine, self.processor, self.keys, self.config = engine, processor, keys, config
         self.record = record
-        self.in_flight = 0
         self.draining = False  # the server is stopping: nothing new is admitted, /health says 503
         self.tenant_in_flight: Counter[str] = Counter()  # tenants with requests running, and how many
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not finished, every tenant's."""
+        return self.tenant_in_flight.total()
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -180,11 +184,9 @@ class Gateway:
             )
 
     def _enter(self, tenant: str) -> None:
-        self.in_flight += 1
         self.tenant_in_flight[tenant] += 1
 
     def _leave(self, tenant: str) -> None:
-        self.in_flight -= 1
         self.tenant_in_flight[tenant] -= 1
         if not self.tenant_in_flight[tenant]:
             del self.tenant_in_flight[tenant]  # the counter holds running tenants only
