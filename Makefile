@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # keeps whatever CUDA build the user installed.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup serve loadtest test lint typecheck layers pytest clean
+.PHONY: setup serve loadtest chaos soak test lint typecheck layers pytest clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,14 @@ loadtest: setup
 		-H $(LOADTEST_HOST) -u $(LOADTEST_USERS) -r 2 -t $(LOADTEST_TIME) \
 		--csv loadtest/results/run --html loadtest/results/run.html --only-summary
 	$(BIN)/python -m loadtest.summary loadtest/results/run | tee loadtest/results/summary.md
+
+# Reliability scenarios, each against its own `covspec serve` (loadtest/README.md): the short ones
+# (fairness, overload, replica kills, Redis faults, fuzzing; about 12 minutes), and the 20-minute soak.
+chaos: setup
+	$(BIN)/python -m loadtest.scenarios chaos
+
+soak: setup
+	$(BIN)/python -m loadtest.scenarios soak
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,7 +1,11 @@
 """Reliability scenarios against a live ``covspec serve``, each printing what held, with numbers.
 
-    .venv/bin/python -m loadtest.scenarios fairness [--flood 200] [--seconds 60]
-    .venv/bin/python -m loadtest.scenarios overload [--seconds 60]
+    .venv/bin/python -m loadtest.scenarios fairness|overload|kill-engine|kill-drafter|redis|fuzz|soak
+    .venv/bin/python -m loadtest.scenarios chaos      # every short one in turn (``make chaos``)
+
+Each starts its own ``covspec serve`` from ``deploy/local.yaml`` and stops it after. The fault
+scenarios are described in ``loadtest/faults.py``, fuzzing in ``loadtest/fuzz.py``, the soak in
+``loadtest/soak.py``; the exit code is 1 when a check did not hold.
 
 ``fairness``: one tenant floods the server with ``--flood`` concurrent requests for
 ``--seconds`` while a quiet tenant sends 2 at a time; before that, the quiet tenant runs alone
@@ -16,146 +20,29 @@ server's memory (the resident size of ``covspec serve`` and every process under 
 than 10 % from capacity to five times it, and the admitted requests' P99 time to first token at
 five times capacity stays within 3x its value at capacity.
 
-Results go to ``loadtest/results/<scenario>.json``.
+Results go to ``loadtest/results/<scenario>.json`` (the soak's plot to ``soak.png``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import contextlib
-import functools
-import io
 import json
-import statistics
-import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from loadtest.service import ROOT, shipped_args, start_service, stop_service
-from models.tiny.personas import get_persona
-from models.tiny.samples import EVAL_SEED_START, make_sample
+from loadtest.clients import DEMO_KEYS, Load, Tally, run_tenants
+from loadtest.faults import kill_drafter, kill_engine, redis
+from loadtest.fuzz import fuzz
+from loadtest.service import ROOT, Service, shipped_args, start_service, stop_service
+from loadtest.soak import soak
 from serve.local_redis import free_port
 
 RESULTS = ROOT / "loadtest" / "results"
-DEMO_KEYS = {user: f"sk-demo-{user}" for user in ("alice", "bob", "carol", "dave")}  # a tenant each
 QUIET, FLOODER = DEMO_KEYS["alice"], DEMO_KEYS["bob"]
-
-MAX_TOKENS = 32
-SCENES = 32  # distinct scenes per user
 LATENCY_RATIO = 3.0  # the quiet tenant's median under the flood, against its median alone
-
-
-@functools.lru_cache(maxsize=256)
-def chat_body(seed: int, user: str) -> dict[str, Any]:
-    """A ShapesWorld question about its scene, in ``user``'s persona (a PNG inline); one of
-    ``SCENES`` per user, made once: the client shares the server's cores, and encoding a PNG per
-    request (hundreds a second when refused ones retry) would slow the server it measures."""
-    sample = make_sample(EVAL_SEED_START + 50_000 + seed % SCENES, user)
-    png = io.BytesIO()
-    sample.image().save(png, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-    image = {"type": "image_url", "image_url": {"url": url}}
-    content = [{"type": "text", "text": sample.question.text}, image]
-    messages = [{"role": "system", "content": get_persona(user).system}, {"role": "user", "content": content}]
-    return {"model": "tiny-target", "messages": messages, "max_tokens": MAX_TOKENS}
-
-
-def quantile(ordered: list[float], q: float) -> float | None:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
-
-
-@dataclass
-class Tally:
-    """What one tenant's requests got."""
-
-    statuses: Counter[int] = field(default_factory=Counter)
-    latencies_s: list[float] = field(default_factory=list)  # of the 200s
-    ttfts_s: list[float] = field(default_factory=list)  # of the 200s, streamed: to the first event
-    missing_retry_after: int = 0  # 429 / 503 answers without the header
-    errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer at all
-
-    def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_s)
-        ttft = sorted(self.ttfts_s)
-        return {
-            "requests": sum(self.statuses.values()) + sum(self.errors.values()),
-            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-            "median_s": statistics.median(lat) if lat else None,
-            "p99_s": quantile(lat, 0.99),
-            "ttft_p50_s": quantile(ttft, 0.5),
-            "ttft_p99_s": quantile(ttft, 0.99),
-            "missing_retry_after": self.missing_retry_after,
-            "errors": dict(self.errors),
-        }
-
-
-async def closed_loop(
-    client: httpx.AsyncClient,
-    url: str,
-    load: Load,
-    until: float,
-    tally: Tally,
-    worker: int,
-) -> None:
-    """Send one request after another until ``until``; a refused one waits its Retry-After."""
-    seed = worker * 10_000
-    headers = {"authorization": f"Bearer {load.key}"}
-    while time.monotonic() < until:
-        seed += 1
-        body = {**chat_body(seed, load.user), "stream": load.stream}
-        start = time.monotonic()
-        try:
-            async with client.stream("POST", url, json=body, headers=headers) as r:
-                first = None
-                async for line in r.aiter_lines():
-                    if first is None and line.startswith("data: "):
-                        first = time.monotonic() - start
-        except httpx.HTTPError as e:
-            tally.errors[type(e).__name__] += 1
-            await asyncio.sleep(0.5)
-            continue
-        tally.statuses[r.status_code] += 1
-        if r.status_code == 200:
-            tally.latencies_s.append(time.monotonic() - start)
-            if first is not None:
-                tally.ttfts_s.append(first)
-        elif r.status_code in (429, 503):
-            retry = r.headers.get("retry-after")
-            tally.missing_retry_after += retry is None
-            await asyncio.sleep(float(retry or 1))
-
-
-@dataclass(frozen=True)
-class Load:
-    """One tenant's share of a scenario: its key, its persona, its concurrent requests."""
-
-    key: str
-    user: str
-    count: int
-    stream: bool = False
-
-
-async def run_tenants(url: str, loads: dict[str, Load], seconds: float) -> dict[str, Tally]:
-    """``loads`` (by label) run together for ``seconds``; what each label's requests got."""
-    tallies = {label: Tally() for label in loads}
-    until = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        await asyncio.gather(
-            *(
-                closed_loop(client, url, load, until, tallies[label], worker)
-                for label, load in loads.items()
-                for worker in range(load.count)
-            )
-        )
-    return tallies
 
 
 def fairness(service: Service, args: argparse.Namespace) -> dict[str, Any]:
@@ -198,11 +85,7 @@ def overload(service: Service, args: argparse.Namespace) -> dict[str, Any]:
         tallies = asyncio.run(run_tenants(service.url, loads, args.seconds / 3))
         everyone = Tally()
         for t in tallies.values():
-            everyone.statuses.update(t.statuses)
-            everyone.errors.update(t.errors)
-            everyone.latencies_s += t.latencies_s
-            everyone.ttfts_s += t.ttfts_s
-            everyone.missing_retry_after += t.missing_retry_after
+            everyone.merge(t)
         levels[name] = {"clients": factor * capacity, **everyone.summary(), "rss_mb": service.rss_mb()}
     odd = {
         name: {k: v for k, v in lv["statuses"].items() if k not in ("200", "429", "503")}
@@ -236,27 +119,20 @@ def overload(service: Service, args: argparse.Namespace) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Service:
-    """A running ``covspec serve``: where to send requests, and its process."""
-
-    url: str
-    pid: int
-
-    def rss_mb(self) -> float:
-        """Resident memory of the service and every process under it (Ray's, Redis)."""
-        import psutil
-
-        root = psutil.Process(self.pid)
-        total = 0
-        for p in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total / 2**20
+class Scenario:
+    run: Callable[[Service, argparse.Namespace], dict[str, Any]]
+    seconds: float  # how long it runs unless --seconds says otherwise
+    short: bool  # one of ``make chaos``'s
 
 
-SCENARIOS: dict[str, Callable[[Service, argparse.Namespace], dict[str, Any]]] = {
-    "fairness": fairness,
-    "overload": overload,
+SCENARIOS: dict[str, Scenario] = {
+    "fairness": Scenario(fairness, 60, short=True),
+    "overload": Scenario(overload, 90, short=True),
+    "kill-engine": Scenario(kill_engine, 90, short=True),
+    "kill-drafter": Scenario(kill_drafter, 60, short=True),
+    "redis": Scenario(redis, 60, short=True),
+    "fuzz": Scenario(fuzz, 0, short=True),
+    "soak": Scenario(soak, 1200, short=False),
 }
 
 
@@ -265,31 +141,53 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     print("| check | measured | held |\n| --- | --- | --- |")
     for check, row in result["checks"].items():
         print(f"| {check} | {row['measured']} | {'yes' if row['held'] else 'no'} |")
-    for label in ("alone", "quiet", "flooder"):
+    for label in ("alone", "quiet", "flooder", "before", "in_flight", "after"):
         if label in result:
             print(f"{label}: {json.dumps(result[label])}")
-    for level, row in result.get("levels", {}).items():
-        print(f"{level}: {json.dumps(row)}")
+    for group in ("levels", "phases"):
+        for level, row in result.get(group, {}).items():
+            print(f"{level}: {json.dumps(row)}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=sorted(SCENARIOS))
-    p.add_argument("--flood", type=int, default=200, help="the flooding tenant's concurrent requests")
-    p.add_argument("--seconds", type=float, default=60, help="how long the flood lasts")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args()
+def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``name`` against a fresh ``covspec serve`` (a scenario may kill part of it); its result
+    goes to ``<out>/<name>.json`` and its table to stdout."""
+    scenario = SCENARIOS[name]
+    args = argparse.Namespace(**{**vars(args), "seconds": args.seconds or scenario.seconds})
     port = free_port()
     proc = start_service({}, port)
     try:
-        service = Service(f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)
-        result = SCENARIOS[args.scenario](service, args)
+        result = scenario.run(Service(f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid), args)
     finally:
         stop_service(proc)
     result["config"] = "deploy/local.yaml"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.scenario}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print_table(args.scenario, result)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print_table(name, result)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=[*sorted(SCENARIOS), "chaos"], help="chaos: every short one in turn")
+    p.add_argument(
+        "--seconds", type=float, default=None, help="how long the load lasts (default: the scenario's)"
+    )
+    p.add_argument(
+        "--flood", type=int, default=200, help="fairness: the flooding tenant's concurrent requests"
+    )
+    p.add_argument("--examples", type=int, default=3000, help="fuzz: generated bodies")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    names = [n for n, s in SCENARIOS.items() if s.short] if args.scenario == "chaos" else [args.scenario]
+    results = {name: run(name, args) for name in names}
+    if len(names) > 1:
+        print("\n| scenario | check | held |\n| --- | --- | --- |")
+        for name, result in results.items():
+            for check, row in result["checks"].items():
+                print(f"| {name} | {check} | {'yes' if row['held'] else 'no'} |")
+    held = all(row["held"] for result in results.values() for row in result["checks"].values())
+    raise SystemExit(0 if held else 1)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from core.plan import RequestOutput
 from core.prompt import Prompt
 from core.sampling import SamplingParams
 from scheduler.engine import Completion
+from serve.holdings import Holdings
 from serve.metrics import AdapterMetrics, EngineMetrics, GatewayMetrics
 from serve.settings import DeploymentSettings, ServeSettings
 
@@ -112,6 +114,17 @@ class EngineServer:
             "kv_used": snapshot.kv_used,
         }
 
+    def holdings(self) -> dict[str, Holdings]:
+        """What this replica holds for requests: ``engine`` (the target's side), and ``drafter``
+        when the drafter runs in this replica. Zero at rest unless something leaks."""
+        from drafter_pool.pool import DrafterPool
+
+        engine = self.built.engine
+        held = {"engine": Holdings.of_engine(engine)}
+        if isinstance(engine.drafter, DrafterPool):
+            held["drafter"] = Holdings.of_drafter(engine.drafter)
+        return held
+
     def check_health(self) -> None:
         """Ray Serve calls this periodically; a dead step loop marks the replica unhealthy."""
         if not self.engine.alive:
@@ -133,11 +146,16 @@ class RayEngineClient:
         try:
             async for item in outputs:
                 yield item
+        except RayActorError as e:  # the replica's process died (Serve starts another)
+            raise RuntimeError(f"the engine replica is gone ({type(e).__name__})") from e
         finally:
             outputs.cancel()  # no-op when finished; aborts the request in the engine otherwise
 
     async def alive(self) -> bool:
-        return bool(await self.handle.alive.remote())
+        try:
+            return bool(await self.handle.alive.remote())
+        except RayActorError:  # no replica answered: it died, and its successor is not up yet
+            return False
 
 
 class DrafterPoolReplica:
@@ -174,6 +192,10 @@ class DrafterPoolReplica:
 
     def forward_cost(self, tokens: tuple[int, ...]) -> Any:
         return self.server.forward_cost(tokens)
+
+    def holdings(self) -> Holdings:
+        """What the pool holds for requests (drafter states, KV, adapter pins)."""
+        return self.server.holdings()
 
     def engines_served(self) -> int:
         """How many engine replicas have called this pool."""

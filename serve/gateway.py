@@ -39,7 +39,8 @@ class EngineClient(Protocol):
         self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
     ) -> AsyncIterator[RequestOutput | Completion]:
         """Each step's output for the request, then its ``Completion``; raises ``ValueError`` for
-        a request the engine refuses (e.g. longer than the context); closing it aborts the request."""
+        a request the engine refuses (e.g. longer than the context) and ``RuntimeError`` when the
+        engine is gone (its step loop died, or its process); closing it aborts the request."""
         ...
 
     async def alive(self) -> bool:
@@ -125,6 +126,8 @@ class Gateway:
             self._check_capacity(caller.tenant)  # others may have been admitted meanwhile
             outputs = self.engine.stream(work.prompt, work.sampling, adapter)
             first = await self._start(outputs, caller.tenant)
+            if not req.stream:
+                completion = await self._finish(first, outputs, caller.tenant)
         except APIError as e:
             return error_response(e), None if caller is None else caller.tenant
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -133,7 +136,6 @@ class Gateway:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._events(first, outputs, request_id, model, adapter, include_usage, caller.tenant)
             return StreamingResponse(events, media_type="text/event-stream"), caller.tenant
-        completion = await self._finish(first, outputs, caller.tenant)
         stats = completion.stats
         body = completion_body(
             request_id, model, completion.text, completion.finish_reason,
@@ -248,6 +250,8 @@ class Gateway:
             while not isinstance(item, Completion):
                 item = await anext(rest)
             return item
+        except RuntimeError as e:  # the engine died with the request half done: retry it
+            raise APIError(503, f"the engine stopped: {e}", retry_after_s=self.config.retry_after_s) from e
         finally:
             self._leave(tenant)
             await _close(rest)
@@ -303,6 +307,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise bad_request("request body nests arrays or objects too deeply") from e
     try:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as e:

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +35,12 @@ from core.prompt import Prompt
 from core.sampling import SamplingParams
 from drafter_pool.pool import empty_proposal
 from scheduler.cost import CostCurve
+from serve.holdings import Holdings
 from serve.link import NO_LINK, Link
 
 LINK_THREADS = 4  # calls out at once: one per pipeline group, and room for a slow one
 RELEASE_BATCH = 16  # releases that go in a call of their own when no draft call takes them
+# (the last request the pool holds for an engine is released at once: an idle engine holds nothing)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class RemoteDrafter:
         self._kv_used = 0.0
         self._rng = random.Random(seed)  # the link's jitter
         self._threads = ThreadPoolExecutor(LINK_THREADS, thread_name_prefix="covspec-link")
+        self._releasing: set[Future[None]] = set()  # release-only calls not answered yet
 
     def submit(self, requests: Sequence[DraftRequest], ahead: bool = False) -> RemoteDraft:
         with self._lock:
@@ -143,19 +147,32 @@ class RemoteDrafter:
             self._sent.update(i for i in ids if i not in self._releases)
             self._sent.difference_update(reply.unknown)
             self._kv_used = reply.kv_used
+            idle = self._take_releases() if not self._sent else []
+        if idle:  # released while this call carried them, and nothing else is held
+            self._send_releases(idle, random.Random(rng.getrandbits(64)))
         return Drafted(proposals, 1000 * (time.perf_counter() - start), 1000 * on_link)
 
     def release(self, request_id: int) -> None:
         """Told with the next draft call; while the policy drafts nothing, every
-        ``RELEASE_BATCH`` releases go in a call of their own, so the pool frees their KV."""
+        ``RELEASE_BATCH`` releases go in a call of their own, so the pool frees their KV, and so
+        does the release of the last request the pool holds for this engine (an idle engine
+        leaves nothing behind in the pool)."""
         with self._lock:
             if request_id in self._sent or request_id in self._in_flight:
                 self._sent.discard(request_id)
                 self._releases.add(request_id)
-            releases = self._take_releases() if len(self._releases) >= RELEASE_BATCH else []
+            due = len(self._releases) >= RELEASE_BATCH or not self._sent
+            releases = self._take_releases() if due else []
             rng = random.Random(self._rng.getrandbits(64))
         if releases:
-            self._threads.submit(self._release_only, releases, rng)
+            self._send_releases(releases, rng)
+
+    def _send_releases(self, releases: list[int], rng: random.Random) -> None:
+        """``releases`` in a call of their own, from a link thread."""
+        future = self._threads.submit(self._release_only, releases, rng)
+        with self._lock:
+            self._releasing.add(future)
+        future.add_done_callback(self._releasing.discard)
 
     def _release_only(self, releases: list[int], rng: random.Random) -> None:
         try:
@@ -179,6 +196,9 @@ class RemoteDrafter:
         return known
 
     def check_integrity(self) -> None:
+        with self._lock:
+            releasing = list(self._releasing)
+        futures_wait(releasing, timeout=self.timeout_s)  # the pool is checked after they land
         with self._lock:
             releases = self._take_releases()
         self.handle.check_integrity.remote(self.engine_id, releases).result()
@@ -246,6 +266,10 @@ class DrafterPoolServer:
         with self._lock:
             self._release(engine_id, releases)
             self.pool.check_integrity()
+
+    def holdings(self) -> Holdings:
+        with self._lock:
+            return Holdings.of_drafter(self.pool)
 
     def forward_cost(self, tokens: tuple[int, ...]) -> CostCurve:
         with self._lock:

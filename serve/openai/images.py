@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from serve.openai.errors import bad_request
+from serve.openai.errors import APIError, bad_request
 
 MAX_REDIRECTS = 3
+FORMATS = "PNG, JPEG, GIF, WebP, BMP or TIFF"
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class ImageLimits:
     max_pixels: int = 4096 * 4096  # width x height of one image
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)  # http(s) image hosts; empty: none
     fetch_timeout_s: float = 5.0
+    # longest side over shortest: a 60000 x 1 image resized to a 72-pixel shortest side would be
+    # gigabytes (Qwen2-VL's processor refuses beyond 200 too)
+    max_aspect_ratio: float = 200.0
 
 
 async def load_image(url: str, limits: ImageLimits, param: str) -> Any:
@@ -87,15 +91,46 @@ async def fetch(url: str, limits: ImageLimits, param: str) -> bytes:
 
 
 def decode_bytes(raw: bytes, limits: ImageLimits, param: str) -> Any:
+    """Encoded image bytes -> an RGB PIL image (the first frame of an animation); ``APIError``
+    400 for bytes that are no image, or one outside ``limits``. The size is checked from the
+    header, before any pixel is decoded (a decompression bomb costs nothing)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise bad_request(f"image is {w}x{h}, more than the {limits.max_pixels}-pixel limit", param)
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise bad_request(f"image data is not an image this server can read ({e})", param) from e
+            check_size(img.size, limits, param)
+            return to_rgb(img)
+    except APIError:
+        raise
     except Image.DecompressionBombError as e:
         raise bad_request(f"image is too large to decode: {e}", param) from e
+    except UnidentifiedImageError as e:
+        raise bad_request(
+            f"image data is not an image in a format this server reads ({FORMATS})", param
+        ) from e
+    except Exception as e:  # a parser of untrusted bytes: whatever it raises, the file is broken
+        raise bad_request(f"image data could not be decoded ({type(e).__name__}: {e})", param) from e
+
+
+def check_size(size: tuple[int, int], limits: ImageLimits, param: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise bad_request(f"image is {w}x{h}: it has no pixels", param)
+    if w * h > limits.max_pixels:
+        raise bad_request(f"image is {w}x{h}, more than the {limits.max_pixels}-pixel limit", param)
+    if max(w, h) > limits.max_aspect_ratio * min(w, h):
+        raise bad_request(
+            f"image is {w}x{h}: one side is more than {limits.max_aspect_ratio:g} times the other", param
+        )
+
+
+def to_rgb(img: Any) -> Any:
+    """RGB as the checkpoints' processors make it (transformers' ``convert_to_rgb``: transparency
+    composited onto white). 16-bit images keep their high byte; PIL alone would clip them."""
+    import numpy as np
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    return Image.fromarray(convert_to_rgb(img, return_numpy=True))

@@ -10,7 +10,22 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _unicode(text: str) -> str:
+    """JSON can carry lone surrogates (``"\\ud800"``), which are no text: tokenizers and UTF-8
+    encoders fail on them, so they are refused here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is not valid Unicode"
+        ) from e
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string field of a request
 
 
 class Strict(BaseModel):
@@ -19,11 +34,11 @@ class Strict(BaseModel):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(Strict):
-    url: str
+    url: Text
     detail: Literal["auto", "low", "high"] | None = None  # accepted, ignored (as vLLM does)
 
 
@@ -37,8 +52,8 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: Text | list[ContentPart]
+    name: Text | None = None
 
 
 class StreamOptions(Strict):
@@ -46,7 +61,7 @@ class StreamOptions(Strict):
 
 
 class ChatCompletionRequest(Strict):
-    model: str | None = None
+    model: Text | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -54,11 +69,11 @@ class ChatCompletionRequest(Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # extension (vLLM's too)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted, not used
+    user: Text | None = None  # accepted, not used
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logprobs: bool = False

@@ -12,10 +12,20 @@ from typing import Any
 import pytest
 
 from models.synthetic import RandomLlavaSpec, build_random_llava
+from models.tiny.personas import get_persona
+from scheduler.async_engine import AsyncEngine
 from serve import metrics as metrics_module
+from serve.auth import KeyStore, add_key
+from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
+from serve.engine_client import LocalEngineClient
+from serve.gateway import Gateway, GatewayConfig, make_app
 from serve.local_redis import LocalRedis, start_redis
+from serve.openai.images import ImageLimits
 from serve.settings import PrefixCacheSettings, ServeSettings
 from tests.serve.engine_helpers import Oracle, noisy_copy
+from tests.serve.http_helpers import serving
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +122,46 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, Recorded]:
     fake = SimpleNamespace(Counter=make, Gauge=make, Histogram=make)
     monkeypatch.setattr(metrics_module, "_metrics", lambda: fake)
     return made
+
+
+GATEWAY_USERS = ("alice", "bob")
+
+
+@dataclass
+class Server:
+    """The gateway over HTTP (uvicorn in a thread) with an in-process engine on the shipped tiny
+    models; one per test module."""
+
+    url: str
+    keys: dict[str, str]  # user -> API key
+    built: BuiltEngine
+    gateway: Gateway
+    responses: list[tuple[int, str | None]]  # (status, tenant) of every chat response, as metrics see them
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys = {user: add_key(keys_file, user, tenant=f"t-{user}", adapter=user) for user in GATEWAY_USERS}
+    adapters = tuple((u, CHECKPOINTS / "adapters" / u) for u in GATEWAY_USERS)
+    built = build_engine(
+        CHECKPOINTS / "tiny-target",
+        CHECKPOINTS / "tiny-drafter",
+        EngineOptions(policy="fixed", adapters=adapters),
+    )
+    engine = AsyncEngine(built.engine)
+    config = GatewayConfig(
+        adapters=frozenset(GATEWAY_USERS),
+        image_limits=ImageLimits(max_images=2, max_bytes=200_000, max_pixels=256 * 256),
+        max_body_bytes=400_000,
+        max_in_flight=8,
+        public_system_prompts=frozenset({get_persona(None).system}),
+    )
+    responses: list[tuple[int, str | None]] = []
+    gateway = Gateway(
+        LocalEngineClient(engine), built.processor, KeyStore.load(keys_file), config,
+        record=lambda status, tenant: responses.append((status, tenant)),
+    )  # fmt: skip
+    with serving(make_app(gateway)) as url:
+        yield Server(url, keys, built, gateway, responses)
+    engine.shutdown()

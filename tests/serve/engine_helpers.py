@@ -63,7 +63,7 @@ class Oracle:
         chat = self.processor.apply_chat_template(
             messages(text, image is not None, system), add_generation_prompt=True
         )
-        images = [image.convert("RGB")] if image is not None else None
+        images = [image] if image is not None else None  # as given: the processor converts it
         return dict(self.processor(images=images, text=chat, return_tensors="pt").to(self.device))
 
     @torch.inference_mode()

@@ -9,9 +9,9 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -21,54 +21,10 @@ from PIL import Image
 from core.plan import RequestOutput, RequestStats
 from models.tiny.personas import get_persona
 from models.tiny.samples import EVAL_SEED_START, make_sample
-from scheduler.async_engine import AsyncEngine
-from serve.auth import KeyStore, add_key
-from serve.engine_builder import BuiltEngine, EngineOptions, build_engine
-from serve.engine_client import LocalEngineClient
 from serve.gateway import Gateway, GatewayConfig, make_app
-from serve.openai.images import ImageLimits
+from tests.serve.conftest import CHECKPOINTS, Server
 from tests.serve.engine_helpers import Oracle
 from tests.serve.http_helpers import TEXT, chat_messages, data_url, expected_text, serving, user_message
-
-CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
-USERS = ("alice", "bob")
-
-
-@dataclass
-class Server:
-    url: str
-    keys: dict[str, str]  # user -> API key
-    built: BuiltEngine
-    gateway: Gateway
-    responses: list[tuple[int, str | None]]  # (status, tenant) of every chat response, as metrics see them
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys = {user: add_key(keys_file, user, tenant=f"t-{user}", adapter=user) for user in USERS}
-    adapters = tuple((u, CHECKPOINTS / "adapters" / u) for u in USERS)
-    built = build_engine(
-        CHECKPOINTS / "tiny-target",
-        CHECKPOINTS / "tiny-drafter",
-        EngineOptions(policy="fixed", adapters=adapters),
-    )
-    engine = AsyncEngine(built.engine)
-    config = GatewayConfig(
-        adapters=frozenset(USERS),
-        image_limits=ImageLimits(max_images=2, max_bytes=200_000, max_pixels=256 * 256),
-        max_body_bytes=400_000,
-        max_in_flight=8,
-        public_system_prompts=frozenset({get_persona(None).system}),
-    )
-    responses: list[tuple[int, str | None]] = []
-    gateway = Gateway(
-        LocalEngineClient(engine), built.processor, KeyStore.load(keys_file), config,
-        record=lambda status, tenant: responses.append((status, tenant)),
-    )  # fmt: skip
-    with serving(make_app(gateway)) as url:
-        yield Server(url, keys, built, gateway, responses)
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +261,16 @@ def test_engine_death_mid_stream_is_an_error_event_then_health_503(server: Serve
         assert events[-1] == "[DONE]"
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and health.json()["error"]["type"] == "service_unavailable"
+        assert gateway.in_flight == 0
+
+
+def test_engine_death_under_a_whole_answer_is_a_503_with_retry_after_not_a_500(server: Server) -> None:
+    gateway = Gateway(DyingEngine(), server.built.processor, server.gateway.keys, GatewayConfig())
+    with serving(make_app(gateway)) as url:
+        headers = {"authorization": f"Bearer {server.keys['bob']}"}
+        r = httpx.post(f"{url}/v1/chat/completions", json=user_message(TEXT), headers=headers, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "boom" in r.json()["error"]["message"]
         assert gateway.in_flight == 0
 
 

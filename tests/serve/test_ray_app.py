@@ -214,7 +214,7 @@ def test_a_flooding_tenant_gets_429s_while_a_quiet_tenant_is_served(ray_app: Ray
     tenant against its share of 32 (half of ``max_in_flight``), 2 of another tenant's."""
     import asyncio
 
-    from loadtest.scenarios import Load, run_tenants
+    from loadtest.clients import Load, run_tenants
 
     keys = ray_app.keys
     loads = {"quiet": Load(keys["alice"], "alice", 2), "flooder": Load(keys["bob"], "bob", 40)}

@@ -260,16 +260,47 @@ def test_releases_go_in_a_call_of_their_own_while_nothing_is_drafted() -> None:
     handle = PoolHandle(lambda: DrafterPoolServer(pool=pool))
     remote = RemoteDrafter(handle)
     budget, prompt = DraftBudget(max_nodes=2, max_depth=2), Prompt((1, 2, 3))
-    requests = [DraftRequest(i, prompt, (4,), budget, SamplingParams()) for i in range(RELEASE_BATCH)]
+    requests = [DraftRequest(i, prompt, (4,), budget, SamplingParams()) for i in range(RELEASE_BATCH + 1)]
     remote.submit(requests).result(timeout_s=5)
-    for r in requests[:-1]:
+    for r in requests[: RELEASE_BATCH - 1]:
         remote.release(r.request_id)
-    assert handle.server._local and not released  # waiting for a call to ride along with
-    remote.release(requests[-1].request_id)
-    deadline = time.monotonic() + 5
-    while len(released) < RELEASE_BATCH and time.monotonic() < deadline:
+    assert len(handle.server._local) == RELEASE_BATCH + 1 and not released  # waiting for a call
+    remote.release(requests[RELEASE_BATCH - 1].request_id)
+    _wait_for(lambda: len(released) == RELEASE_BATCH)
+    assert sorted(released) == list(range(RELEASE_BATCH)) and len(handle.server._local) == 1
+    remote.release(requests[-1].request_id)  # the last one the pool holds goes at once
+    _wait_for(lambda: len(released) == RELEASE_BATCH + 1)
+    assert not handle.server._local
+
+
+def test_a_release_during_the_call_carrying_the_request_reaches_the_pool_once_it_is_answered() -> None:
+    """The engine finishes (aborts) the only request it has while that request's draft call is out:
+    the release waits for the call, then goes on its own, and the pool ends up holding nothing."""
+    released: list[int] = []
+    answering = threading.Event()
+
+    def propose(requests: list[DraftRequest], stop: object) -> list[object]:
+        answering.wait(5)
+        return [empty_proposal(r.request_id) for r in requests]
+
+    pool = SimpleNamespace(propose=propose, release=released.append, kv_used=lambda: 0.0)
+    handle = PoolHandle(lambda: DrafterPoolServer(pool=pool))
+    remote = RemoteDrafter(handle)
+    request = DraftRequest(
+        7, Prompt((1, 2, 3)), (4,), DraftBudget(max_nodes=2, max_depth=2), SamplingParams()
+    )
+    pending = remote.submit([request])
+    remote.release(7)  # the call still carries it: it may not overtake the draft
+    answering.set()
+    pending.result(timeout_s=5)
+    _wait_for(lambda: released == [7])
+    assert not handle.server._local
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(released) == RELEASE_BATCH and not handle.server._local
 
 
 def test_a_request_unknown_to_the_pool_without_its_prompt_gets_an_empty_tree_and_is_named() -> None:
