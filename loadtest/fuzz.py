@@ -28,16 +28,14 @@ from loadtest.service import Service
 ROLES = ("system", "developer", "user", "assistant")
 
 
-def _png(img: Image.Image, **params: Any) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", **params)
-    return buf.getvalue()
-
-
 def _saved(img: Image.Image, fmt: str, **params: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **params)
     return buf.getvalue()
+
+
+def _png(img: Image.Image, **params: Any) -> bytes:
+    return _saved(img, "PNG", **params)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -105,12 +105,8 @@ def soak(service: Service, args: argparse.Namespace) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     tally = asyncio.run(open_loop(service, rate, args.seconds, samples))
     time.sleep(5)  # the last releases reach the drafter pool
-    after = holdings()
-    warm = next(s for s in samples if s["t_s"] >= args.seconds / 6)
-    growth = samples[-1]["rss_mb"] / warm["rss_mb"] - 1
     outcomes = Counter(a.outcome for a in tally.answers)
     left_before = sum(a.outcome == "client left" and a.first_s is None for a in tally.answers)
-    failed = {k: v for k, v in outcomes.items() if k not in ("whole", "client left")}
     result = {
         "seconds": args.seconds,
         "capacity_per_s": measured,
@@ -118,29 +114,45 @@ def soak(service: Service, args: argparse.Namespace) -> dict[str, Any]:
         "answers": len(tally.answers),
         "outcomes": dict(outcomes),
         "left_before_first_token": left_before,
-        "left_mid_stream": outcomes["client left"] - left_before,
+        "refused_without_retry_after": tally.missing_retry_after,
         "holdings_before": before,
-        "holdings_after": after,
+        "holdings_after": holdings(),
         "samples": samples,
-        "checks": {
-            "no request fails": {
-                "held": not failed,
-                "measured": f"{outcomes['whole']} whole, {outcomes['client left']} left by their client "
-                f"({left_before} before the first token); failed: {failed or 'none'}",
-            },
-            "replicas hold what they held before the load": {
-                "held": after == before,
-                "measured": f"before {before}, after {after}",
-            },
-            f"resident memory grows < {100 * RSS_GROWTH:.0f} % after warm-up": {
-                "held": growth < RSS_GROWTH,
-                "measured": f"{warm['rss_mb']:.0f} MB -> {samples[-1]['rss_mb']:.0f} MB "
-                f"({100 * growth:+.1f} %)",
-            },
-        },
     }
+    result["checks"] = checks(result)
     plot(result, args.out / "soak.png")
     return result
+
+
+def checks(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What held, from the soak's numbers alone (so a saved result can be checked again)."""
+    outcomes, samples = Counter(result["outcomes"]), result["samples"]
+    failed = {k: v for k, v in outcomes.items() if k not in ("whole", "client left", "refused")}
+    warm = next(s for s in samples if s["t_s"] >= result["seconds"] / 6)
+    growth = samples[-1]["rss_mb"] / warm["rss_mb"] - 1
+    before, after = result["holdings_before"], result["holdings_after"]
+    drafted = max(s["holdings"]["drafter"]["requests"] for s in samples)
+    return {
+        "no request fails (an error, cut off, no answer)": {
+            "held": not failed,
+            "measured": f"{outcomes['whole']} whole, {outcomes['client left']} left by their client "
+            f"({result['left_before_first_token']} before the first token); failed: {failed or 'none'}",
+        },
+        "no request refused": {
+            "held": not outcomes["refused"],
+            "measured": f"{outcomes['refused']} of {result['answers']} answered 503 / 429, "
+            f"{result['refused_without_retry_after']} without Retry-After",
+        },
+        "replicas hold what they held before the load": {
+            "held": after == before,
+            "measured": f"before {before}, after {after}; the drafter held at most {drafted} requests "
+            "at a sample",
+        },
+        f"resident memory grows < {100 * RSS_GROWTH:.0f} % after warm-up": {
+            "held": growth < RSS_GROWTH,
+            "measured": f"{warm['rss_mb']:.0f} MB -> {samples[-1]['rss_mb']:.0f} MB ({100 * growth:+.1f} %)",
+        },
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -86,13 +86,17 @@ class EngineServer:
         return adapter
 
     async def stream(
-        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
+        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None, whole: bool = False
     ) -> AsyncIterator[RequestOutput | Completion]:
+        """The request's outputs (``whole``: its ``Completion`` only: every item crosses to the
+        gateway's process, and a caller waiting for the whole answer needs one)."""
         if adapter is not None:
             await self.adapter_in_use(adapter)
         async for item in self.engine.stream(prompt, sampling, adapter=adapter):
             if isinstance(item, Completion):
                 self.metrics.finished(item)
+            elif whole:
+                continue
             yield item
 
     def _sample_metrics(self, period_s: float = 1.0) -> None:
@@ -139,10 +143,10 @@ class RayEngineClient:
         self.streaming = handle.options(stream=True)
 
     async def stream(
-        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
+        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None, whole: bool = False
     ) -> AsyncIterator[RequestOutput | Completion]:
         handle = self.streaming if adapter is None else self.streaming.options(multiplexed_model_id=adapter)
-        outputs = handle.stream.remote(prompt, sampling, adapter)
+        outputs = handle.stream.remote(prompt, sampling, adapter, whole)
         try:
             async for item in outputs:
                 yield item
@@ -230,6 +234,7 @@ class GatewayServer:
             max_body_bytes=settings.max_body_bytes,
             max_in_flight=settings.max_in_flight,
             tenant_share=settings.tenant_share,
+            tenant_wait_s=settings.tenant_wait_s,
             public_system_prompts=frozenset(settings.prefix_cache.public_system_prompts),
         )
         processor = AutoProcessor.from_pretrained(settings.target, local_files_only=True)

@@ -17,10 +17,12 @@ class LocalEngineClient:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    def stream(
-        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
+    async def stream(
+        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None, whole: bool = False
     ) -> AsyncIterator[RequestOutput | Completion]:
-        return self.engine.stream(prompt, sampling, adapter=adapter)
+        async for item in self.engine.stream(prompt, sampling, adapter=adapter):
+            if not whole or isinstance(item, Completion):
+                yield item
 
     async def alive(self) -> bool:
         return self.engine.alive

@@ -3,11 +3,13 @@
 :class:`Gateway` holds the logic of every route and talks to the engine only through an
 :class:`EngineClient` (an in-process ``AsyncEngine``, or the Engine deployment's handle under Ray
 Serve), so the same code serves both. Every client mistake is answered in OpenAI's error shape
-with a 4xx; a request is admitted only while fewer than ``max_in_flight`` are running (503 with
-``Retry-After`` otherwise, safe to retry: nothing started), and while its tenant holds less than
-its share of them (``tenant_share``; 429 with ``Retry-After`` otherwise), so a tenant flooding
-the server cannot take the room of the others. A streaming client that disconnects
-cancels its request, which aborts it in the engine and frees its KV and drafter state.
+with a 4xx. Admission (:class:`serve.tenant_slots.TenantSlots`): at most ``max_in_flight``
+requests run (503 with ``Retry-After`` otherwise, safe to retry: nothing started), and one tenant
+holds at most its share of them (``tenant_share``): its requests beyond that wait up to
+``tenant_wait_s`` for one of its own to finish (then 429 with ``Retry-After``), so a tenant
+flooding the server takes neither the room of the others nor, by bouncing, the cores. A
+streaming client that disconnects cancels its request, which aborts it in the engine and frees
+its KV and drafter state.
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ from serve.openai.convert import engine_request
 from serve.openai.errors import APIError, bad_request
 from serve.openai.images import ImageLimits
 from serve.openai.protocol import ChatCompletionRequest, chunk_body, completion_body, usage
+from serve.tenant_slots import NoSlot, TenantSlots
 
 
 class EngineClient(Protocol):
     def stream(
-        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None
+        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None, whole: bool = False
     ) -> AsyncIterator[RequestOutput | Completion]:
-        """Each step's output for the request, then its ``Completion``; raises ``ValueError`` for
+        """Each step's output for the request, then its ``Completion`` (``whole``: the
+        ``Completion`` only, for a caller who waits for the whole answer anyway: one message
+        from the engine's process instead of one per step); raises ``ValueError`` for
         a request the engine refuses (e.g. longer than the context) and ``RuntimeError`` when the
         engine is gone (its step loop died, or its process); closing it aborts the request."""
         ...
@@ -58,6 +63,9 @@ class GatewayConfig:
     max_in_flight: int = 64
     # the fraction of ``max_in_flight`` one tenant may hold (at least one request)
     tenant_share: float = 0.5
+    # how long a request over its tenant's share waits for one of the tenant's requests to finish
+    # (0: refused at once)
+    tenant_wait_s: float = 0.0
     retry_after_s: int = 1
     public_system_prompts: frozenset[str] = frozenset()  # system turns whose KV all tenants share
 
@@ -96,12 +104,18 @@ class Gateway:
         self.engine, self.processor, self.keys, self.config = engine, processor, keys, config
         self.record = record
         self.draining = False  # the server is stopping: nothing new is admitted, /health says 503
-        self.tenant_in_flight: Counter[str] = Counter()  # tenants with requests running, and how many
+        share = max(int(config.tenant_share * config.max_in_flight), 1)
+        self.slots = TenantSlots(config.max_in_flight, share, config.tenant_wait_s)
 
     @property
     def in_flight(self) -> int:
         """Requests admitted and not finished, every tenant's."""
-        return self.tenant_in_flight.total()
+        return self.slots.total()
+
+    @property
+    def tenant_in_flight(self) -> Counter[str]:
+        """Tenants with requests admitted and not finished, and how many."""
+        return self.slots.in_flight
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -111,38 +125,50 @@ class Gateway:
         return response
 
     async def _chat(self, request: Request) -> tuple[Response, str | None]:
-        """The response, and the caller's tenant once known."""
+        """The response, and the caller's tenant once known. The request holds an admission slot
+        from before its body is read (load is shed before any image is decoded) until its answer
+        is sent; a stream takes its slot along and gives it back when it ends."""
         caller = None
         try:
             caller = self.keys.authenticate(request.headers.get("authorization"))
-            self._check_capacity(caller.tenant)  # before reading images: shed load cheaply
+            await self._admit(caller.tenant)
+        except APIError as e:
+            return error_response(e), None if caller is None else caller.tenant
+        tenant, streaming = caller.tenant, False
+        try:
             req = parse_request(await self._body(request))
             adapter = self._adapter(caller, req.model)
             cfg = self.config
             work = await engine_request(
-                req, self.processor, cfg.image_limits, cfg.default_max_tokens, caller.tenant,
+                req,
+                self.processor,
+                cfg.image_limits,
+                cfg.default_max_tokens,
+                tenant,
                 cfg.public_system_prompts,
-            )  # fmt: skip
-            self._check_capacity(caller.tenant)  # others may have been admitted meanwhile
-            outputs = self.engine.stream(work.prompt, work.sampling, adapter)
-            first = await self._start(outputs, caller.tenant)
-            if not req.stream:
-                completion = await self._finish(first, outputs, caller.tenant)
+            )
+            outputs = self.engine.stream(work.prompt, work.sampling, adapter, whole=not req.stream)
+            first = await self._start(outputs)
+            request_id = f"chatcmpl-{uuid.uuid4().hex}"
+            model = req.model or self.config.model_name
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                events = self._events(first, outputs, request_id, model, adapter, include_usage, tenant)
+                streaming = True
+                return StreamingResponse(events, media_type="text/event-stream"), tenant
+            completion = await self._finish(first, outputs)
         except APIError as e:
-            return error_response(e), None if caller is None else caller.tenant
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        model = req.model or self.config.model_name
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._events(first, outputs, request_id, model, adapter, include_usage, caller.tenant)
-            return StreamingResponse(events, media_type="text/event-stream"), caller.tenant
+            return error_response(e), tenant
+        finally:
+            if not streaming:
+                self.slots.release(tenant)
         stats = completion.stats
         body = completion_body(
             request_id, model, completion.text, completion.finish_reason,
             usage(stats.prompt_tokens, stats.output_tokens, stats.cached_tokens),
             covspec_stats(completion, adapter),
         )  # fmt: skip
-        return JSONResponse(body), caller.tenant
+        return JSONResponse(body), tenant
 
     async def models(self, request: Request) -> Response:
         try:
@@ -165,33 +191,20 @@ class Gateway:
 
     def drain(self) -> int:
         """Admit nothing new from now on (503 with ``Retry-After``: another replica, or this one
-        restarted, may take it); the requests still running, which finish as usual."""
+        restarted, may take it), requests waiting for a slot included; the requests still
+        running, which finish as usual."""
         self.draining = True
+        self.slots.close("the server is stopping; retry shortly")
         return self.in_flight
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def _check_capacity(self, tenant: str) -> None:
-        cfg = self.config
-        if self.draining:
-            raise APIError(503, "the server is stopping; retry shortly", retry_after_s=cfg.retry_after_s)
-        if self.in_flight >= cfg.max_in_flight:
-            raise APIError(503, "the server is at capacity; retry shortly", retry_after_s=cfg.retry_after_s)
-        share = max(int(cfg.tenant_share * cfg.max_in_flight), 1)
-        if self.tenant_in_flight[tenant] >= share:
-            raise APIError(
-                429,
-                f"your tenant already has {share} requests running, its share of this server; retry shortly",
-                retry_after_s=cfg.retry_after_s,
-            )
-
-    def _enter(self, tenant: str) -> None:
-        self.tenant_in_flight[tenant] += 1
-
-    def _leave(self, tenant: str) -> None:
-        self.tenant_in_flight[tenant] -= 1
-        if not self.tenant_in_flight[tenant]:
-            del self.tenant_in_flight[tenant]  # the counter holds running tenants only
+    async def _admit(self, tenant: str) -> None:
+        """A slot for the caller's request (waiting for one of its tenant's, if over its share)."""
+        try:
+            await self.slots.acquire(tenant)
+        except NoSlot as e:
+            raise APIError(e.status, e.message, retry_after_s=self.config.retry_after_s) from e
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused (413) as soon as it is known to exceed the limit."""
@@ -219,13 +232,10 @@ class Gateway:
             return own
         raise APIError(404, f"model {model!r} does not exist or is not yours", "model")
 
-    async def _start(
-        self, outputs: AsyncIterator[RequestOutput | Completion], tenant: str
-    ) -> RequestOutput | Completion:
+    async def _start(self, outputs: AsyncIterator[RequestOutput | Completion]) -> RequestOutput | Completion:
         """The request's first output: a refused request fails here, before any byte is sent.
-        Whatever ends the wait instead (a refusal, a dead engine, the caller's cancellation) gives
-        the request's place back and closes its stream, which aborts it in the engine."""
-        self._enter(tenant)
+        Whatever ends the wait instead (a refusal, a dead engine, the caller's cancellation)
+        closes its stream, which aborts it in the engine."""
         started = False
         try:
             first = await anext(outputs)
@@ -239,11 +249,10 @@ class Gateway:
             ) from e
         finally:
             if not started:
-                self._leave(tenant)
                 await _close(outputs)
 
     async def _finish(
-        self, first: RequestOutput | Completion, rest: AsyncIterator[RequestOutput | Completion], tenant: str
+        self, first: RequestOutput | Completion, rest: AsyncIterator[RequestOutput | Completion]
     ) -> Completion:
         try:
             item = first
@@ -253,7 +262,6 @@ class Gateway:
         except RuntimeError as e:  # the engine died with the request half done: retry it
             raise APIError(503, f"the engine stopped: {e}", retry_after_s=self.config.retry_after_s) from e
         finally:
-            self._leave(tenant)
             await _close(rest)
 
     async def _events(
@@ -292,7 +300,7 @@ class Gateway:
             yield sse(APIError(503, f"the engine stopped: {e}").body())
             yield sse("[DONE]")
         finally:  # also on disconnect: closing the engine stream aborts the request
-            self._leave(tenant)
+            self.slots.release(tenant)
             await _close(rest)
 
 

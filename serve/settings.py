@@ -120,7 +120,16 @@ class ServeSettings(Strict):
         default=10.0, ge=0, description="covspec serve stopping: how long running requests may take to finish"
     )
     tenant_share: float = Field(
-        default=0.5, gt=0, le=1, description="the share of max_in_flight one tenant may hold; beyond it 429"
+        default=0.5,
+        gt=0,
+        le=1,
+        description="the share of max_in_flight one tenant may hold; beyond it, tenant_wait_s, then 429",
+    )
+    tenant_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="how long a request over its tenant's share waits for one of the tenant's requests "
+        "to finish before its 429 (0: at once)",
     )
     engine: DeploymentSettings = DeploymentSettings(num_cpus=1.0)
     # the drafter as its own deployment (called once per engine step); None: inside each engine

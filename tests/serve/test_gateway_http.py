@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from starlette.requests import Request
 
 from core.plan import RequestOutput, RequestStats
 from models.tiny.personas import get_persona
@@ -182,7 +183,9 @@ class HeldEngine:
         self.release = threading.Event()
         self.started = 0
 
-    async def stream(self, prompt: object, sampling: object, adapter: object) -> AsyncIterator[object]:
+    async def stream(
+        self, prompt: object, sampling: object, adapter: object, whole: bool = False
+    ) -> AsyncIterator[object]:
         self.started += 1
         while not self.release.is_set():
             await asyncio.sleep(0.01)
@@ -230,7 +233,9 @@ class DyingEngine:
     def __init__(self) -> None:
         self.dead = False
 
-    async def stream(self, prompt: object, sampling: object, adapter: object) -> AsyncIterator[object]:
+    async def stream(
+        self, prompt: object, sampling: object, adapter: object, whole: bool = False
+    ) -> AsyncIterator[object]:
         stats = RequestStats(
             prompt_tokens=5, output_tokens=1, verify_steps=1, draft_tokens=0, accepted_tokens=0
         )
@@ -284,17 +289,40 @@ def test_a_request_cancelled_before_its_first_token_gives_its_place_back(server:
         finally:
             closed.append(True)
 
+    class NeverStarts(HeldEngine):
+        def stream(self, *args: object, **kwargs: object) -> AsyncIterator[object]:
+            return never_starts()
+
     async def cancel_while_waiting() -> None:
-        task = asyncio.create_task(gateway._start(never_starts(), "t-bob"))
-        await asyncio.sleep(0.05)
+        """What Ray Serve does when the caller hangs up: the request's task is cancelled."""
+        task = asyncio.create_task(gateway.chat(chat_request(user_message(TEXT), server.keys["bob"])))
+        await asyncio.sleep(0.2)
         assert gateway.in_flight == 1 and gateway.tenant_in_flight["t-bob"] == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    gateway = Gateway(HeldEngine(), server.built.processor, server.gateway.keys, GatewayConfig())
+    gateway = Gateway(NeverStarts(), server.built.processor, server.gateway.keys, GatewayConfig())
     asyncio.run(cancel_while_waiting())
     assert gateway.in_flight == 0 and not gateway.tenant_in_flight and closed == [True]  # place given back
+
+
+def chat_request(body: object, key: str) -> Request:
+    """A chat completions request as Starlette hands it to a route."""
+    raw = json.dumps(body).encode()
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    headers = [(b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json")]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": headers,
+        "query_string": b"",
+    }
+    return Request(scope, receive)
 
 
 def cached_and_text(server: Server, user: str, sample: object) -> tuple[int, str]:
@@ -358,6 +386,36 @@ def test_a_tenant_over_its_share_gets_429_while_another_tenant_is_admitted(serve
         assert refused.json()["error"]["type"] == "rate_limit_error"
         assert [f.result().status_code for f in [*held, quiet]] == [400, 400, 400]  # the engine's answer
     assert gateway.in_flight == 0 and not gateway.tenant_in_flight  # every place given back
+
+
+def test_a_tenant_over_its_share_waits_for_its_own_slot_while_another_tenant_goes_first(
+    server: Server,
+) -> None:
+    """With ``tenant_wait_s``, the request beyond the share is not bounced: it is answered once
+    one of its tenant's requests finishes; the other tenant's request never waits for it."""
+    engine = HeldEngine()
+    config = GatewayConfig(max_in_flight=4, tenant_share=0.5, tenant_wait_s=10)  # two per tenant
+    gateway = Gateway(engine, server.built.processor, server.gateway.keys, config)
+    here = replace(server, url="")
+    with serving(make_app(gateway)) as url, ThreadPoolExecutor(4) as pool:
+        here.url = url
+        held = [pool.submit(post, here, user_message(TEXT), "bob") for _ in range(2)]
+        deadline = time.time() + 10
+        while engine.started < 2:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        waiting = pool.submit(post, here, user_message(TEXT), "bob")
+        while gateway.slots.waiting() < 1:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        quiet = pool.submit(post, here, user_message(TEXT), "alice")
+        while engine.started < 3:  # the other tenant's request reached the engine at once
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert not waiting.done() and dict(gateway.tenant_in_flight) == {"t-bob": 2, "t-alice": 1}
+        engine.release.set()
+        assert [f.result().status_code for f in [*held, quiet, waiting]] == [400] * 4  # the engine's answers
+    assert engine.started == 4 and gateway.in_flight == 0 and gateway.slots.waiting() == 0
 
 
 def test_a_draining_gateway_refuses_new_requests_and_lets_running_ones_finish(server: Server) -> None:

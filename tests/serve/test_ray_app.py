@@ -209,9 +209,10 @@ def test_prefix_kv_survives_a_restart_through_redis_and_stays_in_its_tenant(
     assert ask(ray_app, "alice", turns[3]) == (200, 0, expected(3))
 
 
-def test_a_flooding_tenant_gets_429s_while_a_quiet_tenant_is_served(ray_app: RayApp) -> None:
+def test_a_flooding_tenant_waits_for_its_share_while_a_quiet_tenant_is_served(ray_app: RayApp) -> None:
     """The fairness scenario's loads, briefly, through Ray Serve: 40 concurrent requests of one
-    tenant against its share of 32 (half of ``max_in_flight``), 2 of another tenant's."""
+    tenant against its share of 32 (half of ``max_in_flight``), 2 of another tenant's. The 8 beyond
+    the share wait for the tenant's own slots (``tenant_wait_s``) instead of bouncing."""
     import asyncio
 
     from loadtest.clients import Load, run_tenants
@@ -221,5 +222,5 @@ def test_a_flooding_tenant_gets_429s_while_a_quiet_tenant_is_served(ray_app: Ray
     tallies = asyncio.run(run_tenants(f"{ray_app.url}/v1/chat/completions", loads, seconds=4))
     quiet, flooder = tallies["quiet"], tallies["flooder"]
     assert set(quiet.statuses) == {200} and quiet.latencies_s  # never refused
-    assert set(flooder.statuses) == {200, 429} and flooder.statuses[429] > 0
-    assert not flooder.missing_retry_after and not flooder.errors and not quiet.errors
+    assert set(flooder.statuses) == {200} and flooder.statuses[200] > 40  # waited, then answered
+    assert not flooder.errors and not quiet.errors
