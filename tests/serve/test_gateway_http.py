@@ -9,7 +9,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -202,10 +202,7 @@ def test_overload_gets_503_with_retry_after_not_a_hang(server: Server, tmp_path:
     gateway = Gateway(engine, server.built.processor, server.gateway.keys, config)
     with serving(make_app(gateway)) as url, ThreadPoolExecutor(2) as pool:
         held = [pool.submit(post, replace(server, url=url), user_message(TEXT)) for _ in range(2)]
-        deadline = time.time() + 10
-        while engine.started < 2:
-            assert time.time() < deadline
-            time.sleep(0.01)
+        until(lambda: engine.started >= 2)
         refused = post(replace(server, url=url), user_message(TEXT))
         engine.release.set()
         assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
@@ -307,6 +304,13 @@ def test_a_request_cancelled_before_its_first_token_gives_its_place_back(server:
     assert gateway.in_flight == 0 and not gateway.tenant_in_flight and closed == [True]  # place given back
 
 
+def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def chat_request(body: object, key: str) -> Request:
     """A chat completions request as Starlette hands it to a route."""
     raw = json.dumps(body).encode()
@@ -371,15 +375,10 @@ def test_a_tenant_over_its_share_gets_429_while_another_tenant_is_admitted(serve
     with serving(make_app(gateway)) as url, ThreadPoolExecutor(3) as pool:
         here.url = url
         held = [pool.submit(post, here, user_message(TEXT), "bob") for _ in range(2)]
-        deadline = time.time() + 10
-        while engine.started < 2:
-            assert time.time() < deadline
-            time.sleep(0.01)
+        until(lambda: engine.started >= 2)
         refused = post(here, user_message(TEXT), "bob")
         quiet = pool.submit(post, here, user_message(TEXT), "alice")
-        while engine.started < 3:  # the other tenant's request reached the engine
-            assert time.time() < deadline
-            time.sleep(0.01)
+        until(lambda: engine.started >= 3)  # the other tenant's request reached the engine
         assert dict(gateway.tenant_in_flight) == {"t-bob": 2, "t-alice": 1}
         engine.release.set()
         assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
@@ -400,18 +399,11 @@ def test_a_tenant_over_its_share_waits_for_its_own_slot_while_another_tenant_goe
     with serving(make_app(gateway)) as url, ThreadPoolExecutor(4) as pool:
         here.url = url
         held = [pool.submit(post, here, user_message(TEXT), "bob") for _ in range(2)]
-        deadline = time.time() + 10
-        while engine.started < 2:
-            assert time.time() < deadline
-            time.sleep(0.01)
+        until(lambda: engine.started >= 2)
         waiting = pool.submit(post, here, user_message(TEXT), "bob")
-        while gateway.slots.waiting() < 1:
-            assert time.time() < deadline
-            time.sleep(0.01)
+        until(lambda: gateway.slots.waiting() >= 1)
         quiet = pool.submit(post, here, user_message(TEXT), "alice")
-        while engine.started < 3:  # the other tenant's request reached the engine at once
-            assert time.time() < deadline
-            time.sleep(0.01)
+        until(lambda: engine.started >= 3)  # the other tenant's request reached the engine at once
         assert not waiting.done() and dict(gateway.tenant_in_flight) == {"t-bob": 2, "t-alice": 1}
         engine.release.set()
         assert [f.result().status_code for f in [*held, quiet, waiting]] == [400] * 4  # the engine's answers
@@ -426,10 +418,7 @@ def test_a_draining_gateway_refuses_new_requests_and_lets_running_ones_finish(se
     with serving(make_app(gateway)) as url, ThreadPoolExecutor(1) as pool:
         here.url = url
         running = pool.submit(post, here, user_message(TEXT))
-        deadline = time.time() + 10
-        while engine.started < 1:
-            assert time.time() < deadline
-            time.sleep(0.01)
+        until(lambda: engine.started >= 1)
         assert gateway.drain() == 1  # one request still running
         refused = post(here, user_message(TEXT))
         health = httpx.get(f"{url}/health")
