@@ -39,7 +39,7 @@ loadtest: setup
 	$(BIN)/python -m loadtest.summary loadtest/results/run | tee loadtest/results/summary.md
 
 # Reliability scenarios, each against its own `covspec serve` (loadtest/README.md): the short ones
-# (fairness, overload, replica kills, Redis faults, fuzzing; about 12 minutes), and the 20-minute soak.
+# (fairness, overload, replica kills, Redis faults, fuzzing; about 13 minutes), and the 20-minute soak.
 chaos: setup
 	$(BIN)/python -m loadtest.scenarios chaos
 
