@@ -105,7 +105,7 @@ class Gateway:
         self.record = record
         self.draining = False  # the server is stopping: nothing new is admitted, /health says 503
         share = max(int(config.tenant_share * config.max_in_flight), 1)
-        self.slots = TenantSlots(config.max_in_flight, share, config.tenant_wait_s)
+        self.slots = TenantSlots(config.max_in_flight, share, config.tenant_wait_s, config.retry_after_s)
 
     @property
     def in_flight(self) -> int:
@@ -204,7 +204,9 @@ class Gateway:
         try:
             await self.slots.acquire(tenant)
         except NoSlot as e:
-            raise APIError(e.status, e.message, retry_after_s=self.config.retry_after_s) from e
+            raise APIError(
+                e.status, e.message, retry_after_s=e.retry_after_s or self.config.retry_after_s
+            ) from e
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused (413) as soon as it is known to exceed the limit."""

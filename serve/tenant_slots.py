@@ -7,28 +7,69 @@ waiting request costs only its open connection. Each slot the tenant frees goes 
 waiter; a waiter still waiting after ``wait_s`` is refused (429 with ``Retry-After``). Other
 tenants never wait behind it: their requests take their own slots at once. A request that finds
 the whole server full is refused at once (503): it would wait behind everyone, and the refusal
-tells a load balancer to try another replica.
+tells a load balancer to try another replica. Its ``Retry-After`` is a ticket
+(:class:`RetryTickets`): the refused clients are lined up as if they queued, each told to come
+back when a slot should be free for it, so they return about one per freed slot instead of all
+at once a second later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import Counter, deque
+from collections.abc import Callable
 
 
 class NoSlot(Exception):
-    """No slot for the request: ``status`` 503 (server full or stopping) or 429 (tenant's share)."""
+    """No slot for the request: ``status`` 503 (server full or stopping) or 429 (tenant's share);
+    ``retry_after_s``: when to come back (None: the server's usual ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after_s = status, message, retry_after_s
+
+
+class RetryTickets:
+    """``Retry-After`` for requests refused by a full server. Slots free up at a measured rate (a
+    decayed mean of the time between releases); each refusal takes the next free-up time after
+    the last one handed out, so refused clients come back spread out, in the order they came.
+    Between ``floor_s`` and ``ceiling_s``."""
+
+    def __init__(self, floor_s: int, ceiling_s: int = 60, decay: float = 0.9) -> None:
+        self.floor_s, self.ceiling_s, self.decay = floor_s, ceiling_s, decay
+        self._interval_s: float | None = None  # mean time between two releases
+        self._released_at: float | None = None
+        self._line_ends_at = 0.0  # the time the last refused client was told to come back
+
+    def freed(self, now: float) -> None:
+        if self._released_at is not None:
+            gap = now - self._released_at
+            self._interval_s = (
+                gap if self._interval_s is None else self.decay * self._interval_s + (1 - self.decay) * gap
+            )
+        self._released_at = now
+
+    def ticket(self, now: float) -> int:
+        """Seconds until a slot should be free for one more refused client."""
+        self._line_ends_at = max(self._line_ends_at, now) + (self._interval_s or 0.0)
+        return max(self.floor_s, min(self.ceiling_s, math.ceil(self._line_ends_at - now)))
 
 
 class TenantSlots:
-    def __init__(self, capacity: int, share: int, wait_s: float) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        share: int,
+        wait_s: float,
+        retry_after_s: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if capacity < 1 or not 1 <= share <= capacity or wait_s < 0:
             raise ValueError(f"invalid slots: capacity {capacity}, share {share}, wait {wait_s} s")
         self.capacity, self.share, self.wait_s = capacity, share, wait_s
+        self.tickets, self.clock = RetryTickets(retry_after_s), clock
         self.in_flight: Counter[str] = Counter()  # tenants holding slots, and how many
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
         self._closed: str | None = None  # why nothing is admitted any more
@@ -44,7 +85,7 @@ class TenantSlots:
         if self._closed is not None:
             raise NoSlot(503, self._closed)
         if self.total() >= self.capacity:
-            raise NoSlot(503, "the server is at capacity; retry shortly")
+            raise NoSlot(503, "the server is at capacity; retry shortly", self.tickets.ticket(self.clock()))
         queue = self._waiting.setdefault(tenant, deque())
         if self.in_flight[tenant] < self.share and not queue:
             self.in_flight[tenant] += 1
@@ -66,6 +107,7 @@ class TenantSlots:
 
     def release(self, tenant: str) -> None:
         """Give ``tenant``'s slot back: to its oldest waiter, if it has one."""
+        self.tickets.freed(self.clock())
         queue = self._waiting.get(tenant)
         if queue and self._closed is None:
             queue.popleft().set_result(None)  # the slot changes hands

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from serve.tenant_slots import NoSlot, TenantSlots
+from serve.tenant_slots import NoSlot, RetryTickets, TenantSlots
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
@@ -125,5 +125,43 @@ def test_closing_refuses_the_waiters_and_everyone_after_with_503() -> None:
             assert refused.value.status == 503 and "stopping" in refused.value.message
         slots.release("flood")  # the running one finishes
         assert slots.total() == 0
+
+    run(scenario)
+
+
+def test_clients_refused_by_a_full_server_are_told_to_come_back_one_per_freed_slot() -> None:
+    """Slots free every 0.5 s: ten refused clients are spread over five seconds, in order, instead
+    of all coming back a second later."""
+    tickets = RetryTickets(floor_s=1)
+    for second in range(8):
+        tickets.freed(now=second / 2)
+    assert [tickets.ticket(now=4.0) for _ in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert tickets.ticket(now=100.0) == 1  # the line has gone by: back to the floor
+
+
+def test_retry_after_tickets_stay_within_their_floor_and_ceiling() -> None:
+    tickets = RetryTickets(floor_s=2, ceiling_s=10)
+    assert tickets.ticket(now=0.0) == 2  # no release measured yet
+    tickets.freed(now=0.0)
+    tickets.freed(now=30.0)  # one slot every 30 s
+    assert tickets.ticket(now=30.0) == 10
+
+
+def test_a_full_server_hands_out_its_tickets_with_the_503() -> None:
+    async def scenario() -> None:
+        now = [0.0]
+        slots = TenantSlots(capacity=2, share=2, wait_s=5, retry_after_s=1, clock=lambda: now[0])
+        for t in (0.0, 3.0, 6.0):  # a slot frees every 3 s
+            now[0] = t
+            await slots.acquire("a")
+            slots.release("a")
+        await slots.acquire("a")
+        await slots.acquire("b")
+        waits = []
+        for _ in range(3):
+            with pytest.raises(NoSlot) as refused:
+                await slots.acquire("c")
+            waits.append(refused.value.retry_after_s)
+        assert waits == [3, 6, 9]
 
     run(scenario)
