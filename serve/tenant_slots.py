@@ -33,8 +33,9 @@ class NoSlot(Exception):
 
 class RetryTickets:
     """``Retry-After`` for requests refused by a full server. Slots free up at a measured rate (a
-    decayed mean of the time between releases); each refusal takes the next free-up time after
-    the last one handed out, so refused clients come back spread out, in the order they came.
+    decayed mean of the time between releases while the server is full: an idle spell says
+    nothing of how fast a full one drains); each refusal takes the next free-up time after the
+    last one handed out, so refused clients come back spread out, in the order they came.
     Between ``floor_s`` and ``ceiling_s``."""
 
     def __init__(self, floor_s: int, ceiling_s: int = 60, decay: float = 0.9) -> None:
@@ -43,8 +44,9 @@ class RetryTickets:
         self._released_at: float | None = None
         self._line_ends_at = 0.0  # the time the last refused client was told to come back
 
-    def freed(self, now: float) -> None:
-        if self._released_at is not None:
+    def freed(self, now: float, full: bool = True) -> None:
+        """A slot was given back at ``now``; ``full``: every slot was taken until then."""
+        if self._released_at is not None and full:
             gap = now - self._released_at
             self._interval_s = (
                 gap if self._interval_s is None else self.decay * self._interval_s + (1 - self.decay) * gap
@@ -107,7 +109,7 @@ class TenantSlots:
 
     def release(self, tenant: str) -> None:
         """Give ``tenant``'s slot back: to its oldest waiter, if it has one."""
-        self.tickets.freed(self.clock())
+        self.tickets.freed(self.clock(), full=self.total() >= self.capacity)
         queue = self._waiting.get(tenant)
         if queue and self._closed is None:
             queue.popleft().set_result(None)  # the slot changes hands

@@ -151,12 +151,12 @@ def test_a_full_server_hands_out_its_tickets_with_the_503() -> None:
     async def scenario() -> None:
         now = [0.0]
         slots = TenantSlots(capacity=2, share=2, wait_s=5, retry_after_s=1, clock=lambda: now[0])
-        for t in (0.0, 3.0, 6.0):  # a slot frees every 3 s
-            now[0] = t
-            await slots.acquire("a")
-            slots.release("a")
         await slots.acquire("a")
         await slots.acquire("b")
+        for t in (0.0, 3.0, 6.0):  # the server is full, and a slot frees every 3 s
+            now[0] = t
+            slots.release("a")
+            await slots.acquire("a")
         waits = []
         for _ in range(3):
             with pytest.raises(NoSlot) as refused:
@@ -165,3 +165,11 @@ def test_a_full_server_hands_out_its_tickets_with_the_503() -> None:
         assert waits == [3, 6, 9]
 
     run(scenario)
+
+
+def test_an_idle_spell_does_not_stretch_the_tickets() -> None:
+    tickets = RetryTickets(floor_s=1)
+    for second in range(8):
+        tickets.freed(now=second / 2)
+    tickets.freed(now=3600.0, full=False)  # the first release after an idle hour
+    assert tickets.ticket(now=3600.0) == 1
