@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from benchmarks import harness
+from benchmarks.harness import quantile
 from core.plan import Completion
 from core.prompt import Prompt
 from core.sampling import SamplingParams
@@ -235,11 +236,6 @@ def run_level(built: BuiltEngine, users: int, seeds: Any, args: argparse.Namespa
         ahead_trees,
         ahead_hits,
     )
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summary(window: Window) -> dict[str, Any]:

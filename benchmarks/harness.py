@@ -121,6 +121,12 @@ class Case:
     reset: Callable[[], None] = lambda: None
 
 
+def quantile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile of ``values`` (None for none)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
 @dataclass(frozen=True)
 class Timing:
     samples_ms: tuple[float, ...]  # one wall-clock sample per repeat
@@ -130,8 +136,9 @@ class Timing:
         return statistics.median(self.samples_ms)
 
     def quantile_ms(self, q: float) -> float:
-        ordered = sorted(self.samples_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        value = quantile(self.samples_ms, q)
+        assert value is not None, "a timing has at least one sample"
+        return value
 
     def as_dict(self, tokens: int) -> dict[str, Any]:
         """Summary plus raw samples; ``tokens`` processed per call gives tokens/s."""

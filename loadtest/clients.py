@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.harness import quantile
 from models.tiny.personas import get_persona
 from models.tiny.samples import EVAL_SEED_START, make_sample
 
@@ -45,10 +46,6 @@ def chat_body(seed: int, user: str) -> dict[str, Any]:
     return {"model": "tiny-target", "messages": messages, "max_tokens": MAX_TOKENS}
 
 
-def quantile(ordered: list[float], q: float) -> float | None:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
-
-
 # How an answer ended: the whole answer; an error event in the stream (its 200 status line was
 # sent already); a 429 / 503 refusal; any other error status; the server closed the stream with
 # neither answer nor error; the client hung up on purpose; no answer at all (a connection error,
@@ -70,26 +67,39 @@ class Answer:
 
 @dataclass
 class Tally:
-    """What one tenant's requests got."""
+    """What one tenant's requests got: its answers, and what is read off them."""
 
-    statuses: Counter[int] = field(default_factory=Counter)
-    latencies_s: list[float] = field(default_factory=list)  # of the 200s
-    ttfts_s: list[float] = field(default_factory=list)  # of the 200s, streamed: to the first event
-    missing_retry_after: int = 0  # 429 / 503 answers without the header
-    errors: Counter[str] = field(default_factory=Counter)  # no HTTP answer at all
     answers: list[Answer] = field(default_factory=list)
 
     def merge(self, other: Tally) -> None:
-        self.statuses.update(other.statuses)
-        self.errors.update(other.errors)
-        self.latencies_s += other.latencies_s
-        self.ttfts_s += other.ttfts_s
-        self.missing_retry_after += other.missing_retry_after
         self.answers += other.answers
 
+    @property
+    def statuses(self) -> Counter[int]:
+        return Counter(a.status for a in self.answers if a.status is not None)
+
+    @property
+    def latencies_s(self) -> list[float]:
+        """Of the whole answers."""
+        return [a.end_s - a.start_s for a in self.answers if a.outcome == "whole"]
+
+    @property
+    def ttfts_s(self) -> list[float]:
+        """Of the whole answers that were streamed: to the first event."""
+        return [a.first_s for a in self.answers if a.outcome == "whole" and a.first_s is not None]
+
+    @property
+    def missing_retry_after(self) -> int:
+        """Refusals (429 / 503) without the header."""
+        return sum(a.outcome == "refused" and a.retry_after is None for a in self.answers)
+
+    @property
+    def errors(self) -> Counter[str]:
+        """Requests without any HTTP answer, by the client's error."""
+        return Counter(a.detail for a in self.answers if a.outcome == "no answer")
+
     def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_s)
-        ttft = sorted(self.ttfts_s)
+        lat, ttft = self.latencies_s, self.ttfts_s
         return {
             "requests": sum(self.statuses.values()) + sum(self.errors.values()),
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
@@ -137,19 +147,11 @@ async def ask(
                 state["outcome"] = "client left"
     except httpx.HTTPError as e:
         state["outcome"], state["detail"] = "no answer", type(e).__name__
-        tally.errors[type(e).__name__] += 1
     answer = Answer(
         start, time.monotonic(), state["status"], state["outcome"], state["accepted"], state["detail"],
         state.get("retry_after"), state["first"],
     )  # fmt: skip
     tally.answers.append(answer)
-    if answer.status is not None:
-        tally.statuses[answer.status] += 1
-    tally.missing_retry_after += answer.outcome == "refused" and answer.retry_after is None
-    if answer.outcome == "whole":
-        tally.latencies_s.append(answer.end_s - start)
-        if state["first"] is not None:
-            tally.ttfts_s.append(state["first"])
     return answer
 
 

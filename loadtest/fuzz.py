@@ -82,6 +82,10 @@ class ImageCase:
     # processors take it from here: transparency onto white, the first frame of an animation)
     seen: Callable[[], Image.Image] | None
 
+    def url(self) -> str:
+        """The image as a ``data:`` URL."""
+        return data_url(self.media, self.make())
+
 
 def _opened(make: Callable[[], bytes]) -> Callable[[], Image.Image]:
     return lambda: Image.open(io.BytesIO(make()))
@@ -272,7 +276,7 @@ def fuzz(service: Service, args: argparse.Namespace) -> dict[str, Any]:
 
     cases = image_cases()
     urls = [
-        data_url("png", cases["rgb png"].make()),
+        cases["rgb png"].url(),
         data_url("png", b"not a png"),
         "http://example.com/a.png",
     ]
@@ -281,9 +285,7 @@ def fuzz(service: Service, args: argparse.Namespace) -> dict[str, Any]:
     )
     given(chat_bodies(urls))(loose(body))()
     given(raw_bodies())(settings(loose, max_examples=max(1, args.examples // 10))(raw))()
-    images = {
-        name: send(json.dumps(image_body(data_url(c.media, c.make()))).encode()) for name, c in cases.items()
-    }
+    images = {name: send(json.dumps(image_body(c.url())).encode()) for name, c in cases.items()}
     wrong = {name: status for name, status in images.items() if status != (200 if cases[name].seen else 400)}
     health = httpx.get(service.url.replace("/v1/chat/completions", "/health"), timeout=30).status_code
     after = send(json.dumps(image_body(urls[0])).encode())

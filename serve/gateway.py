@@ -103,7 +103,6 @@ class Gateway:
     ) -> None:
         self.engine, self.processor, self.keys, self.config = engine, processor, keys, config
         self.record = record
-        self.draining = False  # the server is stopping: nothing new is admitted, /health says 503
         share = max(int(config.tenant_share * config.max_in_flight), 1)
         self.slots = TenantSlots(config.max_in_flight, share, config.tenant_wait_s, config.retry_after_s)
 
@@ -182,7 +181,7 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self) -> Response:
-        if self.draining:
+        if self.slots.closed is not None:  # draining: the server is stopping
             stopping = APIError(503, "the server is stopping", retry_after_s=self.config.retry_after_s)
             return error_response(stopping)
         if await self.engine.alive():
@@ -193,7 +192,6 @@ class Gateway:
         """Admit nothing new from now on (503 with ``Retry-After``: another replica, or this one
         restarted, may take it), requests waiting for a slot included; the requests still
         running, which finish as usual."""
-        self.draining = True
         self.slots.close("the server is stopping; retry shortly")
         return self.in_flight
 

@@ -74,7 +74,7 @@ class TenantSlots:
         self.tickets, self.clock = RetryTickets(retry_after_s), clock
         self.in_flight: Counter[str] = Counter()  # tenants holding slots, and how many
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
-        self._closed: str | None = None  # why nothing is admitted any more
+        self.closed: str | None = None  # why nothing is admitted any more (None: open)
 
     def total(self) -> int:
         return self.in_flight.total()
@@ -84,8 +84,8 @@ class TenantSlots:
 
     async def acquire(self, tenant: str) -> None:
         """A slot for ``tenant``, now or after waiting for one of its own; ``NoSlot`` otherwise."""
-        if self._closed is not None:
-            raise NoSlot(503, self._closed)
+        if self.closed is not None:
+            raise NoSlot(503, self.closed)
         if self.total() >= self.capacity:
             raise NoSlot(503, "the server is at capacity; retry shortly", self.tickets.ticket(self.clock()))
         queue = self._waiting.setdefault(tenant, deque())
@@ -111,7 +111,7 @@ class TenantSlots:
         """Give ``tenant``'s slot back: to its oldest waiter, if it has one."""
         self.tickets.freed(self.clock(), full=self.total() >= self.capacity)
         queue = self._waiting.get(tenant)
-        if queue and self._closed is None:
+        if queue:  # (none once closed: closing refused every waiter)
             queue.popleft().set_result(None)  # the slot changes hands
             return
         self.in_flight[tenant] -= 1
@@ -122,7 +122,7 @@ class TenantSlots:
 
     def close(self, reason: str) -> None:
         """Admit nothing from now on: new requests and every waiter get ``NoSlot(503, reason)``."""
-        self._closed = reason
+        self.closed = reason
         for queue in self._waiting.values():
             for waiter in queue:
                 waiter.set_exception(NoSlot(503, reason))

@@ -16,7 +16,7 @@ from tests.serve.conftest import CHECKPOINTS, Server
 from tests.serve.engine_helpers import Oracle
 
 CASES = image_cases()
-GOOD_PNG = data_url("png", CASES["rgb png"].make())
+GOOD_PNG = CASES["rgb png"].url()
 URLS = [GOOD_PNG, data_url("png", b"not a png"), "data:image/png;base64,@@@", "http://example.com/a.png"]
 FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
@@ -47,7 +47,7 @@ def test_an_image_gets_the_answer_to_what_it_shows_or_a_400_that_says_why(
     server: Server, oracle: Oracle, case: str
 ) -> None:
     image = CASES[case]
-    r = post(server, json.dumps(image_body(data_url(image.media, image.make()))).encode())
+    r = post(server, json.dumps(image_body(image.url())).encode())
     if image.seen is None:
         assert r.status_code == 400, r.text[:300]
         error = r.json()["error"]
@@ -71,7 +71,7 @@ def test_transparency_is_composited_onto_white_not_dropped(server: Server, oracl
     dropped = seen.convert("RGB")  # what Image.convert does: alpha dropped
     on_white = oracle.greedy(QUESTION, seen, None, 4)
     assert on_white != oracle.greedy(QUESTION, dropped, None, 4), "the case cannot tell the two apart"
-    r = post(server, json.dumps(image_body(data_url(image.media, image.make()))).encode())
+    r = post(server, json.dumps(image_body(image.url())).encode())
     assert r.json()["choices"][0]["message"]["content"] == oracle.processor.tokenizer.decode(
         on_white, skip_special_tokens=True
     )

@@ -9,8 +9,9 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -196,14 +197,22 @@ class HeldEngine:
         return True
 
 
-def test_overload_gets_503_with_retry_after_not_a_hang(server: Server, tmp_path: Path) -> None:
+@contextmanager
+def held_gateway(server: Server, config: GatewayConfig) -> Iterator[tuple[HeldEngine, Gateway, Server]]:
+    """A gateway with ``config`` over a :class:`HeldEngine`, served over HTTP: the engine, the
+    gateway, and the test server pointing at it."""
     engine = HeldEngine()
-    config = GatewayConfig(max_in_flight=2, tenant_share=1.0, retry_after_s=3)
     gateway = Gateway(engine, server.built.processor, server.gateway.keys, config)
-    with serving(make_app(gateway)) as url, ThreadPoolExecutor(2) as pool:
-        held = [pool.submit(post, replace(server, url=url), user_message(TEXT)) for _ in range(2)]
+    with serving(make_app(gateway)) as url:
+        yield engine, gateway, replace(server, url=url)
+
+
+def test_overload_gets_503_with_retry_after_not_a_hang(server: Server, tmp_path: Path) -> None:
+    config = GatewayConfig(max_in_flight=2, tenant_share=1.0, retry_after_s=3)
+    with held_gateway(server, config) as (engine, gateway, here), ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(post, here, user_message(TEXT)) for _ in range(2)]
         until(lambda: engine.started >= 2)
-        refused = post(replace(server, url=url), user_message(TEXT))
+        refused = post(here, user_message(TEXT))
         engine.release.set()
         assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
         assert refused.json()["error"]["type"] == "service_unavailable"
@@ -368,12 +377,8 @@ def test_a_public_system_prompt_is_shared_across_tenants_up_to_its_end(
 
 
 def test_a_tenant_over_its_share_gets_429_while_another_tenant_is_admitted(server: Server) -> None:
-    engine = HeldEngine()
     config = GatewayConfig(max_in_flight=4, tenant_share=0.5, retry_after_s=2)  # two per tenant
-    gateway = Gateway(engine, server.built.processor, server.gateway.keys, config)
-    here = replace(server, url="")
-    with serving(make_app(gateway)) as url, ThreadPoolExecutor(3) as pool:
-        here.url = url
+    with held_gateway(server, config) as (engine, gateway, here), ThreadPoolExecutor(3) as pool:
         held = [pool.submit(post, here, user_message(TEXT), "bob") for _ in range(2)]
         until(lambda: engine.started >= 2)
         refused = post(here, user_message(TEXT), "bob")
@@ -392,12 +397,8 @@ def test_a_tenant_over_its_share_waits_for_its_own_slot_while_another_tenant_goe
 ) -> None:
     """With ``tenant_wait_s``, the request beyond the share is not bounced: it is answered once
     one of its tenant's requests finishes; the other tenant's request never waits for it."""
-    engine = HeldEngine()
     config = GatewayConfig(max_in_flight=4, tenant_share=0.5, tenant_wait_s=10)  # two per tenant
-    gateway = Gateway(engine, server.built.processor, server.gateway.keys, config)
-    here = replace(server, url="")
-    with serving(make_app(gateway)) as url, ThreadPoolExecutor(4) as pool:
-        here.url = url
+    with held_gateway(server, config) as (engine, gateway, here), ThreadPoolExecutor(4) as pool:
         held = [pool.submit(post, here, user_message(TEXT), "bob") for _ in range(2)]
         until(lambda: engine.started >= 2)
         waiting = pool.submit(post, here, user_message(TEXT), "bob")
@@ -412,16 +413,13 @@ def test_a_tenant_over_its_share_waits_for_its_own_slot_while_another_tenant_goe
 
 def test_a_draining_gateway_refuses_new_requests_and_lets_running_ones_finish(server: Server) -> None:
     """What ``covspec serve`` does on SIGTERM / SIGINT before taking the app down."""
-    engine = HeldEngine()
-    gateway = Gateway(engine, server.built.processor, server.gateway.keys, GatewayConfig(retry_after_s=4))
-    here = replace(server, url="")
-    with serving(make_app(gateway)) as url, ThreadPoolExecutor(1) as pool:
-        here.url = url
+    config = GatewayConfig(retry_after_s=4)
+    with held_gateway(server, config) as (engine, gateway, here), ThreadPoolExecutor(1) as pool:
         running = pool.submit(post, here, user_message(TEXT))
         until(lambda: engine.started >= 1)
         assert gateway.drain() == 1  # one request still running
         refused = post(here, user_message(TEXT))
-        health = httpx.get(f"{url}/health")
+        health = httpx.get(f"{here.url}/health")
         engine.release.set()
         assert refused.status_code == 503 and refused.headers["retry-after"] == "4"
         assert "stopping" in refused.json()["error"]["message"]
