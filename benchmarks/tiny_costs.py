@@ -33,7 +33,7 @@ def decode_case(model: LoadedModel) -> tuple[harness.Case, int]:
     processor = model.processor()
     text = processor.apply_chat_template(sample.messages(), add_generation_prompt=True)
     enc = processor(images=sample.image(), text=text, return_tensors="pt")
-    spliced = splice_images(enc["input_ids"][0], model.image_token_id, model.vision(enc["pixel_values"]))
+    spliced = splice_images(enc["input_ids"][0], model.image_token_id, model.vision(enc))
     n = len(spliced.token_ids)
     table = tuple(range((n + BLOCK) // BLOCK + 1))
     decoder = model.decoder

@@ -6,7 +6,9 @@ it already has (``num_cached``). New token ``i`` of a sequence is written at log
 ``num_cached + i`` and attends to all ``num_cached`` cached entries plus the new tokens its
 ``attention_mask`` row allows (causal when no mask is given; ancestors-only for tree nodes).
 Positions are explicit, so tree siblings can share a position and compressed visual tokens can
-keep their original ones.
+keep their original ones. Under M-RoPE (Qwen2-VL) a text token's one position stands for all three
+of its (temporal, height, width) components; visual rows bring their own three in
+``embed_positions``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class SequenceInput:
     attention_mask: torch.Tensor | None = None  # [n, n] bool among new tokens; None = causal
     embeds: torch.Tensor | None = None  # [m, hidden] replacing the embeddings at embed_index
     embed_index: torch.Tensor | None = None  # [m] int64 indices into this sequence's new tokens
+    embed_positions: torch.Tensor | None = None  # [m, 3] int64 M-RoPE (t, h, w) of those rows
 
     def __post_init__(self) -> None:
         n = self.token_ids.shape[0]
@@ -52,6 +55,10 @@ class SequenceInput:
             raise ValueError(
                 f"{self.embeds.shape[0]} embeds for {self.embed_index.shape[0]} embed_index entries"
             )
+        if self.embed_positions is not None and (
+            self.embed_index is None or tuple(self.embed_positions.shape) != (self.embed_index.shape[0], 3)
+        ):
+            raise ValueError("embed_positions must be [m, 3], one row per embed_index entry")
 
     @property
     def num_new(self) -> int:
@@ -76,6 +83,7 @@ class ForwardBatch:
     attention_masks: tuple[torch.Tensor | None, ...]  # per sequence [n_b, n_b] bool, None = causal
     embed_index: torch.Tensor | None  # [M] int64 rows of the packed batch whose embedding is replaced
     embeds: torch.Tensor | None  # [M, hidden]
+    embed_positions: torch.Tensor | None  # [M, 3] int64 M-RoPE positions of the embed rows, or None
     block_size: int
     # the same lengths as Python ints, for shapes and loops without reading tensors back
     host_num_new: tuple[int, ...]  # [B] new tokens per sequence
@@ -116,6 +124,7 @@ class ForwardBatch:
             attention_masks=tuple(move(m) for m in self.attention_masks),
             embed_index=move(self.embed_index),
             embeds=move(self.embeds),
+            embed_positions=move(self.embed_positions),
             block_size=self.block_size,
             host_num_new=self.host_num_new,
             host_num_cached=self.host_num_cached,
@@ -151,14 +160,19 @@ def pack(seqs: Sequence[SequenceInput], block_size: int) -> ForwardBatch:
     tables = [[*s.block_table, *[-1] * (max_blocks - len(s.block_table))] for s in seqs]
     slots = [slot for s in seqs for slot in _slot_list(s, block_size)]
     with_embeds = [
-        (starts[b], s.embeds, s.embed_index)
+        (starts[b], s.embeds, s.embed_index, s.embed_positions)
         for b, s in enumerate(seqs)
         if s.embeds is not None and s.embed_index is not None
     ]
-    embed_index = embeds = None
+    embed_index = embeds = embed_positions = None
     if with_embeds:
-        embed_index = _cat([index + start for start, _, index in with_embeds])
-        embeds = _cat([e for _, e, _ in with_embeds])
+        embed_index = _cat([index + start for start, _, index, _ in with_embeds])
+        embeds = _cat([e for _, e, _, _ in with_embeds])
+        grids = [p for *_, p in with_embeds]
+        if any(p is not None for p in grids):
+            if any(p is None for p in grids):
+                raise ValueError("either every sequence's visual rows carry M-RoPE positions or none do")
+            embed_positions = _cat([p for p in grids if p is not None])
     return ForwardBatch(
         token_ids=_cat([s.token_ids for s in seqs]),
         positions=_cat([s.positions for s in seqs]),
@@ -170,6 +184,7 @@ def pack(seqs: Sequence[SequenceInput], block_size: int) -> ForwardBatch:
         attention_masks=tuple(s.attention_mask for s in seqs),
         embed_index=embed_index,
         embeds=embeds,
+        embed_positions=embed_positions,
         block_size=block_size,
         host_num_new=num_new,
         host_num_cached=num_cached,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -57,6 +58,18 @@ class EncodedPrompt:
     embeds: torch.Tensor | None  # [m, hidden] visual embeddings
     embed_index: torch.Tensor | None  # [m] int64 rows of token_ids they replace, increasing
     image_rows: tuple[tuple[int, int], ...] = ()  # (first row, rows) per image, in prompt order
+    # [v, 3] int64 M-RoPE (t, h, w) of the v visual rows, one per embeds row when those are
+    # present; None for models whose visual rows have one position like text
+    embed_positions: torch.Tensor | None = None
+
+    @cached_property
+    def next_position(self) -> int:
+        """The position of the token after these rows: one past the largest position taken
+        (under M-RoPE an image takes fewer positions than rows, as transformers counts them)."""
+        last = int(self.positions.max()) if self.num_tokens else -1
+        if self.embed_positions is not None and self.embed_positions.numel():
+            last = max(last, int(self.embed_positions.max()))
+        return last + 1
 
     def public_rows(self, prompt: Prompt) -> int:
         """Rows covering ``prompt.public_tokens`` (an image placeholder counts all its rows)."""
@@ -74,9 +87,13 @@ class EncodedPrompt:
         if self.embeds is None or self.embed_index is None:
             return EncodedPrompt(self.token_ids[start:end], self.positions[start:end], None, None)
         inside = (self.embed_index >= start) & (self.embed_index < end)
+        some = bool(inside.any())
         return EncodedPrompt(
             self.token_ids[start:end],
             self.positions[start:end],
-            self.embeds[inside] if bool(inside.any()) else None,
-            self.embed_index[inside] - start if bool(inside.any()) else None,
+            self.embeds[inside] if some else None,
+            self.embed_index[inside] - start if some else None,
+            embed_positions=self.embed_positions[inside]
+            if some and self.embed_positions is not None
+            else None,
         )

@@ -18,13 +18,15 @@ from core.sampling import SamplingParams
 @dataclass(frozen=True)
 class VerifyItem:
     request_id: int
-    token_ids: torch.Tensor  # [n] int64, KV indices [num_cached, num_cached + n); positions alike
+    token_ids: torch.Tensor  # [n] int64, KV indices [num_cached, num_cached + n)
     num_cached: int  # target KV entries already committed for this request
     block_table: tuple[int, ...]  # reserved for num_cached + n + tree nodes entries
     sampling: SamplingParams
     emits: bool  # False for a prompt chunk that does not end the prompt (no token is chosen)
     embeds: torch.Tensor | None = None  # [m, hidden] visual embeddings inside this chunk
     embed_index: torch.Tensor | None = None  # [m] int64 rows of token_ids they replace
+    embed_positions: torch.Tensor | None = None  # [m, 3] int64 their M-RoPE positions, if any
+    positions: torch.Tensor | None = None  # [n] int64 RoPE positions; None: the KV indices
     draft: DraftProposal | None = None  # tree rooted at token_ids[-1]
     generator: torch.Generator | None = None  # the request's random stream (sampling only)
 

@@ -216,15 +216,15 @@ class DrafterPool:
             prompt = self._encode(req)
             cached = self._cached_prefix(req, prompt, state, len(outputs))
             tokens = torch.cat([prompt.token_ids[cached:], outputs])
-            last = int(prompt.positions[-1])
-            positions = torch.cat([prompt.positions[cached:], last + 1 + torch.arange(len(outputs))])
+            after = prompt.next_position  # under M-RoPE, fewer than the prompt's rows
+            positions = torch.cat([prompt.positions[cached:], after + torch.arange(len(outputs))])
             rest = prompt.chunk(cached, prompt.num_tokens)
-            embeds, embed_index = rest.embeds, rest.embed_index
+            embeds, embed_index, embed_positions = rest.embeds, rest.embed_index, rest.embed_positions
         else:
             kept = self._rewind(state, req.output_ids)
             tokens = outputs[kept:]
             positions = state.next_position + torch.arange(len(tokens))
-            embeds = embed_index = None
+            embeds = embed_index = embed_positions = None
         rows = len(tokens) + self._max_tree_rows(req)
         if not state.blocks.can_reserve(rows):
             self.release(req.request_id)
@@ -232,7 +232,7 @@ class DrafterPool:
         state.blocks.reserve(rows)
         return SequenceInput(
             tokens, positions, state.blocks.block_table, state.blocks.num_tokens,
-            embeds=embeds, embed_index=embed_index,
+            embeds=embeds, embed_index=embed_index, embed_positions=embed_positions,
         )  # fmt: skip
 
     @staticmethod

@@ -6,7 +6,8 @@ Four comparisons of logits, each against ``AutoModelForImageTextToText`` (or
 - prefill: every prompt position of an image + text chat prompt;
 - decode: 8 incremental single-token steps through the paged pool;
 - tree: a draft tree after the prompt, each node against the forward of its root-to-node path;
-- batch: several sequences of different lengths, with and without images, in one packed forward.
+- batch: several sequences of different lengths, with and without images (of different shapes),
+  in one packed forward.
 
 KV blocks are handed out in a scrambled order so that paging is really exercised.
 """
@@ -24,7 +25,7 @@ from core.forward_batch import SequenceInput, pack
 from core.kv import PagedKVCache
 from core.tree import DraftTree
 from models.loader import LoadedModel, load_model
-from models.vision import splice_images
+from models.vision import prompt_positions, splice_images
 
 BLOCK_SIZE = 4
 TREE_PARENTS = [-1, -1, 0, 0, 1, 2, 4, 5]  # 8 nodes, 2 root branches, branching below
@@ -56,10 +57,16 @@ class ScrambledBlocks:
         return tuple(self.free.pop() for _ in range((num_tokens + BLOCK_SIZE - 1) // BLOCK_SIZE))
 
 
+# image (height, width) for the prefill prompt and the batch's image prompts: different shapes
+# tile differently (LLaVA-NeXT) and give different grids (Qwen2-VL)
+IMAGE_SIZES = [(48, 40), (30, 64), (64, 30), (36, 36)]
+
+
 @dataclass(frozen=True)
 class _Prompt:
-    input_ids: torch.Tensor  # [n]
-    pixel_values: torch.Tensor | None  # [1, 3, H, W]
+    input_ids: torch.Tensor  # [n] with each image's placeholders expanded by the processor
+    images: dict[str, Any]  # the processor's image outputs (pixel_values, image_grid_thw, ...)
+    next_position: int  # position of the first token after the prompt (M-RoPE: < n)
 
 
 @dataclass
@@ -78,43 +85,64 @@ class ModelChecker:
         self.model, self.reference, self.seed = model, reference, seed
         self.processor = model.processor()
 
-    def prompt(self, text: str, with_image: bool, seed: int) -> _Prompt:
+    def prompt(self, text: str, image_size: tuple[int, int] | None, seed: int) -> _Prompt:
         from PIL import Image
 
         if self.model.vision is None:
             ids = self.processor.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
             )["input_ids"]
-            return _Prompt(torch.tensor(ids), None)
+            return _Prompt(torch.tensor(ids), {}, len(ids))
         content: list[dict[str, str]] = [{"type": "text", "text": text}]
         images = None
-        if with_image:
-            pixels = np.random.default_rng(seed).integers(0, 256, (48, 40, 3), dtype=np.uint8)
-            images = Image.fromarray(pixels)
+        if image_size is not None:
+            pixels = np.random.default_rng(seed).integers(0, 256, (*image_size, 3), dtype=np.uint8)
+            images = [Image.fromarray(pixels)]
             content.insert(0, {"type": "image"})
         messages = [
-            {"role": "system", "content": "you are a helpful assistant ."},
+            {"role": "system", "content": [{"type": "text", "text": "you are a helpful assistant ."}]},
             {"role": "user", "content": content},
         ]
         chat = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         enc = self.processor(images=images, text=chat, return_tensors="pt")
-        return _Prompt(enc["input_ids"][0], enc.get("pixel_values"))
+        ids = enc["input_ids"][0]
+        extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        if images is None:
+            return _Prompt(ids, extras, len(ids))
+        positions, grid = self._positions(ids, extras)
+        after = max(int(positions.max()), -1 if grid is None else int(grid.max())) + 1
+        return _Prompt(ids, extras, after)
+
+    def _positions(
+        self, ids: torch.Tensor, images: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert self.model.vision is not None and self.model.image_token_id is not None
+        return prompt_positions(ids, self.model.image_token_id, self.model.vision.layouts(images))
 
     def reference_logits(self, prompt: _Prompt, extra: list[int]) -> torch.Tensor:
         """Transformers' logits ``[n + len(extra), vocab]`` for the prompt followed by ``extra``."""
-        ids = torch.cat([prompt.input_ids, torch.tensor(extra, dtype=torch.long)])[None]
-        kwargs = {} if prompt.pixel_values is None else {"pixel_values": prompt.pixel_values}
+        tail = torch.tensor(extra, dtype=torch.long)
+        ids = torch.cat([prompt.input_ids, tail])[None]
+        kwargs = dict(prompt.images)
+        if "mm_token_type_ids" in kwargs:  # the appended tokens are text
+            kwargs["mm_token_type_ids"] = torch.cat([kwargs["mm_token_type_ids"][0], torch.zeros_like(tail)])[
+                None
+            ]
+        if "pixel_values" not in kwargs:
+            kwargs = {}
         with torch.inference_mode():
             return self.reference(input_ids=ids, **kwargs).logits[0].float()
 
     def sequence(self, prompt: _Prompt, blocks: ScrambledBlocks, capacity: int) -> SequenceInput:
         ids = prompt.input_ids
         table = blocks.table(capacity)
-        if prompt.pixel_values is None:
+        if "pixel_values" not in prompt.images:
             return SequenceInput(ids, torch.arange(len(ids)), table, 0)
         assert self.model.vision is not None and self.model.image_token_id is not None
-        images = self.model.vision(prompt.pixel_values)
-        spliced = splice_images(ids, self.model.image_token_id, images)
+        images = self.model.vision(prompt.images)
+        spliced = splice_images(
+            ids, self.model.image_token_id, images, self.model.vision.layouts(prompt.images)
+        )
         return SequenceInput(
             spliced.token_ids,
             spliced.positions,
@@ -122,13 +150,14 @@ class ModelChecker:
             0,
             embeds=spliced.embeds,
             embed_index=spliced.embed_index,
+            embed_positions=spliced.embed_positions,
         )
 
     def start(self, extra_capacity: int = 32) -> tuple[_Run, float]:
         """Prefill an image + text prompt into a fresh pool; return the run and its max diff."""
         decoder = self.model.decoder
         kv = PagedKVCache(decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
-        prompt = self.prompt("what color is the star ?", with_image=True, seed=self.seed)
+        prompt = self.prompt("what color is the star ?", IMAGE_SIZES[0], seed=self.seed)
         seq = self.sequence(prompt, ScrambledBlocks(256, self.seed), len(prompt.input_ids) + extra_capacity)
         ours = decoder.logits(decoder(pack([seq], BLOCK_SIZE), kv))
         ref = self.reference_logits(prompt, [])
@@ -140,8 +169,9 @@ class ModelChecker:
         decoder, diff = self.model.decoder, 0.0
         for _ in range(steps):
             run.tokens.append(run.next_token)
-            pos = len(run.prompt.input_ids) + len(run.tokens) - 1
-            step = SequenceInput(torch.tensor([run.next_token]), torch.tensor([pos]), run.block_table, pos)
+            cached = len(run.prompt.input_ids) + len(run.tokens) - 1
+            pos = run.prompt.next_position + len(run.tokens) - 1
+            step = SequenceInput(torch.tensor([run.next_token]), torch.tensor([pos]), run.block_table, cached)
             ours = decoder.logits(decoder(pack([step], BLOCK_SIZE), run.kv))[0]
             ref = self.reference_logits(run.prompt, run.tokens)[-1]
             diff = max(diff, float((ours - ref).abs().max()))
@@ -175,7 +205,7 @@ class ModelChecker:
         cached = len(run.prompt.input_ids) + len(run.tokens)
         item = SequenceInput(
             tree.token_ids,
-            cached - 1 + tree.depths(),
+            run.prompt.next_position + len(run.tokens) - 1 + tree.depths(),
             run.block_table,
             cached,
             attention_mask=tree.ancestor_mask(),
@@ -195,12 +225,13 @@ class ModelChecker:
         kv = PagedKVCache(decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
         blocks = ScrambledBlocks(256, self.seed + 2)
         specs = [
-            ("is there a red square ?", True),
-            ("count", False),
-            ("describe the scene in detail .", True),
+            ("is there a red square ?", IMAGE_SIZES[1]),
+            ("count", None),
+            ("describe the scene in detail .", IMAGE_SIZES[2]),
+            ("where is the blue circle ? answer briefly .", None),
+            ("what is this ?", IMAGE_SIZES[3]),
         ]
-        specs.append(("where is the blue circle ? answer briefly .", False))
-        prompts = [self.prompt(text, img, self.seed + i) for i, (text, img) in enumerate(specs)]
+        prompts = [self.prompt(text, size, self.seed + i) for i, (text, size) in enumerate(specs)]
         seqs = [self.sequence(p, blocks, len(p.input_ids)) for p in prompts]
         hidden = decoder(pack(seqs, BLOCK_SIZE), kv)
         ours = decoder.logits(hidden)
@@ -215,11 +246,7 @@ class ModelChecker:
 def load_reference(path: Path, architecture: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    auto = (
-        AutoModelForImageTextToText
-        if architecture == "LlavaForConditionalGeneration"
-        else AutoModelForCausalLM
-    )
+    auto = AutoModelForCausalLM if architecture.endswith("ForCausalLM") else AutoModelForImageTextToText
     return auto.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
 
 

@@ -1,4 +1,5 @@
-"""One decoder for the Llama and Qwen2 families, over a packed batch and the paged KV pool.
+"""One decoder for the Llama and Qwen2 families (Qwen2-VL's with M-RoPE), over a packed batch and
+the paged KV pool.
 
 Parameter names follow transformers (``layers.N.self_attn.o_proj.weight`` ...) except for two
 fused projections: ``qkv_proj`` holds ``q_proj``, ``k_proj`` and ``v_proj`` stacked, and
@@ -193,6 +194,9 @@ class Decoder(nn.Module):
         meta = backend.prepare(batch, scale=self.cfg.head_dim**-0.5)
         x = self.embed(batch)
         rope = self.rotary.tables(batch.positions, x.dtype)
+        if batch.embed_positions is not None and batch.embed_index is not None:  # M-RoPE visual rows
+            visual = self.rotary.mrope_tables(batch.embed_positions, x.dtype)
+            rope = tuple(t.index_copy(0, batch.embed_index, v) for t, v in zip(rope, visual, strict=True))  # type: ignore[assignment]
         for layer in self.layers:
             x = layer(x, rope, batch, kv, backend, meta, lora)
         return self.norm(x)

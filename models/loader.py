@@ -20,8 +20,12 @@ from models.config import DecoderConfig
 from models.decoder import Decoder, fuse_hf_weights, hf_names
 from models.device import resolve_device
 from models.host_allocator import keep_freed_memory
-from models.vision import VisionEncoder
+from models.processor import load_processor
+from models.vision import ImageEncoder, VisionEncoder
+from models.vision_qwen2 import load_qwen_vision
 
+# files whose settings change how images become visual tokens (and so the KV after them)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -35,15 +39,12 @@ class LoadedModel:
     architecture: str
     hf_config: Any
     decoder: Decoder
-    vision: VisionEncoder | None  # None for text-only checkpoints
+    vision: ImageEncoder | None  # None for text-only checkpoints
     image_token_id: int | None
 
     def processor(self) -> Any:
         """The checkpoint's own processor (VLM) or tokenizer (text-only), loaded offline."""
-        from transformers import AutoProcessor, AutoTokenizer
-
-        loader = AutoProcessor if self.vision is not None else AutoTokenizer
-        return loader.from_pretrained(self.path, local_files_only=True)
+        return load_processor(self.path, self.architecture, self.vision is not None)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -150,6 +151,31 @@ def _load_llava(path: Path, dtype: torch.dtype, attention_backend: str) -> Loade
     )
 
 
+def _load_qwen_vl(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    tensors = read_safetensors(path)
+    cfg = DecoderConfig.from_hf(hf_config.text_config, tie_embeddings=bool(hf_config.tie_word_embeddings))
+    # transformers 5 saves "model.language_model.*" and "model.visual.*"; the released
+    # checkpoints have the language model at "model.*" and the tower at "visual.*"
+    lm = take_prefix(tensors, ("model.language_model.", "model."))
+    lm = {k: v for k, v in lm.items() if not k.startswith("visual.")}
+    lm.update({f"lm_head.{k}": v for k, v in take_prefix(tensors, ("lm_head.",)).items()})
+    try:
+        vision = load_qwen_vision(hf_config, tensors, dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    return LoadedModel(
+        path=path,
+        architecture=hf_config.architectures[0],
+        hf_config=hf_config,
+        decoder=build_decoder(cfg, lm, dtype, attention_backend),
+        vision=vision,
+        image_token_id=int(hf_config.image_token_id),
+    )
+
+
 def _load_causal_lm(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
     from transformers import AutoConfig
 
@@ -170,6 +196,8 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, attention_backend: str) -> L
 
 ARCHITECTURES: dict[str, Callable[[Path, torch.dtype, str], LoadedModel]] = {
     "LlavaForConditionalGeneration": _load_llava,
+    "Qwen2VLForConditionalGeneration": _load_qwen_vl,
+    "Qwen2_5_VLForConditionalGeneration": _load_qwen_vl,
     "LlamaForCausalLM": _load_causal_lm,
     "Qwen2ForCausalLM": _load_causal_lm,
 }
@@ -204,11 +232,14 @@ def load_model(
 
 
 def fingerprint(model: LoadedModel, kv_dtype: torch.dtype) -> bytes:
-    """SHA-256 of the checkpoint's config and weight files and the KV dtype: the identity of the
-    KV this model computes (two replicas of the same files agree; retrained weights do not).
-    Reads every weight file once (about a second per GB)."""
+    """SHA-256 of the checkpoint's config, image processor and weight files and the KV dtype:
+    the identity of the KV this model computes (two replicas of the same files agree; retrained
+    weights do not). The image processor's settings are in it because they decide an image's
+    tiles or grid, hence the positions of everything after it. Reads every weight file once
+    (about a second per GB)."""
     h = hashlib.sha256(b"covspec-model-v1\0" + str(kv_dtype).encode() + b"\0")
-    for file in [model.path / "config.json", *sorted(model.path.glob("*.safetensors"))]:
+    processing = [model.path / name for name in PROCESSOR_FILES if (model.path / name).is_file()]
+    for file in [model.path / "config.json", *processing, *sorted(model.path.glob("*.safetensors"))]:
         h.update(file.name.encode() + b"\0")
         with file.open("rb") as f:
             while chunk := f.read(1 << 24):

@@ -3,6 +3,10 @@
 Inverse frequencies come from transformers' own RoPE initialisers, so every scaling variant is
 computed exactly as the checkpoint's authors intended. Variants whose frequencies depend on the
 running sequence length (``dynamic``, ``longrope``) are refused rather than silently approximated.
+
+M-RoPE (Qwen2-VL): each frequency follows one of a token's three positions (temporal, height,
+width; ``mrope_section`` says how many frequencies each). A text token's three are equal, so its
+tables are the plain ones; visual rows get theirs from :meth:`RotaryEmbedding.mrope_tables`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         with torch.device("cpu"):  # real numbers even when the model is built on the meta device
             inv_freq, self.scaling = rope_frequencies(cfg)
+            # [head_dim / 2] int64: which of (t, h, w) each frequency follows; None without M-RoPE
+            sections = torch.tensor(cfg.mrope_section, dtype=torch.long)
+            self.section_of = (
+                torch.repeat_interleave(torch.arange(3), sections) if cfg.mrope_section else None
+            )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # (dtype, device) -> (cos, signed_sin) [capacity, 1, head_dim] for positions 0..capacity-1
         self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -66,8 +75,18 @@ class RotaryEmbedding(torch.nn.Module):
             self._tables[key] = (cos, signed_sin)
         return cos.index_select(0, positions), signed_sin.index_select(0, positions)
 
+    def mrope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` [m, 3] (t, h, w) -> ``(cos, signed_sin)`` each [m, 1, head_dim]: frequency
+        ``j`` rotates by the position its M-RoPE section names (transformers' layout)."""
+        if self.section_of is None:
+            raise ValueError("this model has one position per token; it takes no (t, h, w) positions")
+        per_freq = positions.index_select(1, self.section_of.to(positions.device))  # [m, head_dim / 2]
+        return self._compute(per_freq, dtype)
+
     def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        """``positions`` [n] or [n, head_dim / 2] (one per frequency) -> the tables' rows."""
+        pos = positions.float()
+        freqs = pos[:, None] * self.inv_freq[None, :] if pos.dim() == 1 else pos * self.inv_freq[None, :]
         cos = freqs.cos().repeat(1, 2)
         sin = freqs.sin()
         signed_sin = torch.cat((-sin, sin), dim=-1)

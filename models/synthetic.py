@@ -63,8 +63,24 @@ class RandomLlavaSpec:
         return "default" if self.vision_family == "clip" else "full"
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int) -> Any:
-    """Byte-level BPE trained on ``corpus``, wrapped as a transformers fast tokenizer."""
+# the tokenizer's special-token roles for SPECIAL_TOKENS
+LLAVA_ROLES: dict[str, Any] = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "<|im_end|>",
+    "extra_special_tokens": {"image_token": IMAGE_TOKEN},
+    "chat_template": CHAT_TEMPLATE,
+}
+
+
+def build_tokenizer(
+    corpus: list[str],
+    vocab_size: int,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    roles: dict[str, Any] = LLAVA_ROLES,
+) -> Any:
+    """Byte-level BPE trained on ``corpus`` with ``special_tokens`` (ids from 0, in order),
+    wrapped as a transformers fast tokenizer with ``roles`` (pad/bos/eos tokens, chat template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,19 +89,12 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> Any:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        chat_template=CHAT_TEMPLATE,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
 
 
 def _text_config(spec: RandomLlavaSpec, vocab_size: int, eos_id: int, pad_id: int) -> Any:

@@ -111,7 +111,8 @@ class RequestState:
         parts = self.encoded.chunk(start, min(end, self.num_prompt)) if start < self.num_prompt else None
         outputs = self.output_ids[max(start - self.num_prompt, 0) : max(end - self.num_prompt, 0)]
         out_ids = torch.tensor(outputs, dtype=torch.long)
-        out_pos = torch.arange(max(start, self.num_prompt), max(start, self.num_prompt) + len(outputs))
+        first = self.encoded.next_position + max(start - self.num_prompt, 0)  # outputs follow the prompt
+        out_pos = torch.arange(first, first + len(outputs))
         if parts is None:
             return EncodedPrompt(out_ids, out_pos, None, None)
         return EncodedPrompt(
@@ -119,4 +120,5 @@ class RequestState:
             torch.cat([parts.positions, out_pos]),
             parts.embeds,
             parts.embed_index,
+            embed_positions=parts.embed_positions,
         )

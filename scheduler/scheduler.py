@@ -258,6 +258,8 @@ class Scheduler:
             emits=n == req.num_missing,
             embeds=chunk.embeds,
             embed_index=chunk.embed_index,
+            embed_positions=chunk.embed_positions,
+            positions=chunk.positions,
             generator=req.generator,
         )
 

@@ -1,7 +1,8 @@
 """The target model as a :class:`core.protocols.Verifier`: every request's items in one forward.
 
 Each item becomes one packed sequence: its missing tokens (prompt chunk or last emitted token),
-then its draft tree. Tree nodes sit at position ``root + depth`` and attend to the cached
+then its draft tree. Tree nodes sit at position ``root + depth`` (the root's position, which
+under M-RoPE trails its KV index) and attend to the cached
 context, the item's own tokens and their ancestors; siblings share positions. One ``lm_head``
 call covers every row that needs logits (each emitting item's root and tree nodes).
 """
@@ -33,21 +34,24 @@ def tree_item_mask(num_tokens: int, ancestors: torch.Tensor) -> torch.Tensor:
 
 def sequence_input(item: VerifyItem) -> SequenceInput:
     n = int(item.token_ids.shape[0])
-    positions = torch.arange(item.num_cached, item.num_cached + n)
+    positions = (
+        item.positions if item.positions is not None else torch.arange(item.num_cached, item.num_cached + n)
+    )
     if item.draft is None or item.draft.tree.num_nodes == 0:
         return SequenceInput(
             item.token_ids, positions, item.block_table, item.num_cached,
-            embeds=item.embeds, embed_index=item.embed_index,
+            embeds=item.embeds, embed_index=item.embed_index, embed_positions=item.embed_positions,
         )  # fmt: skip
     tree = item.draft.tree
     return SequenceInput(
         token_ids=torch.cat([item.token_ids, tree.token_ids]),
-        positions=torch.cat([positions, item.num_cached + n - 1 + tree.depths()]),
+        positions=torch.cat([positions, int(positions[-1]) + tree.depths()]),
         block_table=item.block_table,
         num_cached=item.num_cached,
         attention_mask=tree_item_mask(n, tree.ancestor_mask()),
         embeds=item.embeds,
         embed_index=item.embed_index,
+        embed_positions=item.embed_positions,
     )
 
 

@@ -45,16 +45,24 @@ CHECK_MODEL = Command(
 
 
 def _random_args(p: argparse.ArgumentParser) -> None:
+    from models.random_checkpoints import FAMILIES
+
     p.add_argument("--out", required=True, type=Path, help="folder to write the checkpoint into")
-    p.add_argument("--text", choices=["llama", "qwen2"], default="llama", help="language model family")
-    p.add_argument("--vision", choices=["clip", "siglip"], default="clip", help="vision tower family")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="llava", help="VLM family")
+    p.add_argument(
+        "--text", choices=["llama", "qwen2"], default="llama", help="language model (LLaVA families only)"
+    )
+    p.add_argument(
+        "--vision", choices=["clip", "siglip"], default="clip", help="vision tower (LLaVA families only)"
+    )
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (4 attention heads)")
     p.add_argument("--tie", action="store_true", help="tie input embeddings and LM head")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _random(args: argparse.Namespace) -> int:
-    from models.synthetic import RandomLlavaSpec, build_random_llava
+    from models.random_checkpoints import build_random_vlm
+    from models.synthetic import RandomLlavaSpec
 
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out} exists and is not empty; choose a new folder")
@@ -65,13 +73,13 @@ def _random(args: argparse.Namespace) -> int:
         tie_embeddings=args.tie,
         seed=args.seed,
     )
-    print(build_random_llava(args.out, spec))
+    print(build_random_vlm(args.out, args.family, spec))
     return 0
 
 
 MAKE_RANDOM_CHECKPOINT = Command(
     name="make-random-checkpoint",
-    help="write a random-weight LLaVA checkpoint (tokenizer, processor, weights) for testing",
+    help="write a random-weight checkpoint of a supported VLM family (tokenizer, processor, weights)",
     add_arguments=_random_args,
     run=_random,
 )

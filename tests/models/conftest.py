@@ -7,7 +7,8 @@ import pytest
 
 from models.check import ModelChecker, load_reference
 from models.loader import load_model
-from models.synthetic import RandomLlavaSpec, build_random_llava
+from models.random_checkpoints import build_random_vlm
+from models.synthetic import RandomLlavaSpec
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -19,7 +20,8 @@ LLAMA3_ROPE = {
 YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
 
 # Every supported axis appears at least once: text family, vision tower, GQA ratio 1 and > 1,
-# tied and untied embeddings, and the RoPE scaling variants.
+# tied and untied embeddings, and the RoPE scaling variants; then the other VLM families
+# (their own vision paths; M-RoPE for the Qwen ones).
 SPECS = {
     "llama-clip-gqa2-untied": RandomLlavaSpec(text_family="llama", vision_family="clip", num_kv_heads=2),
     "qwen2-siglip-mha-tied": RandomLlavaSpec(
@@ -36,10 +38,16 @@ SPECS = {
         rope_parameters=YARN_ROPE,
     ),
 }
+FAMILY_SPECS = {
+    "qwen2vl-gqa2-untied": ("qwen2-vl", RandomLlavaSpec(num_kv_heads=2)),
+    "qwen2.5vl-mha-tied": ("qwen2.5-vl", RandomLlavaSpec(num_kv_heads=4, tie_embeddings=True)),
+}
+CHECKPOINTS = {**{name: ("llava", spec) for name, spec in SPECS.items()}, **FAMILY_SPECS}
 
 
-@pytest.fixture(scope="session", params=sorted(SPECS))
+@pytest.fixture(scope="session", params=sorted(CHECKPOINTS))
 def checker(request: pytest.FixtureRequest, checkpoint_root: Path) -> Any:
-    path = build_random_llava(checkpoint_root / request.param, SPECS[request.param])
+    family, spec = CHECKPOINTS[request.param]
+    path = build_random_vlm(checkpoint_root / request.param, family, spec)
     model = load_model(path, dtype="fp32")
     return ModelChecker(model, load_reference(path, model.architecture), seed=0)

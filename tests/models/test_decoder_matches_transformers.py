@@ -41,8 +41,8 @@ def test_chunked_prefill_packed_with_other_sequences_decoding(checker: Any) -> N
     decoder = checker.model.decoder
     kv = PagedKVCache(decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
     blocks = ScrambledBlocks(256, seed=7)
-    long = checker.prompt("describe the scene in detail please .", with_image=True, seed=3)
-    short = checker.prompt("count the shapes", with_image=False, seed=4)
+    long = checker.prompt("describe the scene in detail please .", image_size=(48, 40), seed=3)
+    short = checker.prompt("count the shapes", image_size=None, seed=4)
     full = checker.sequence(long, blocks, len(long.input_ids))
     other = checker.sequence(short, blocks, len(short.input_ids) + 2)
     cut = full.num_new // 2 + 1  # cut inside the image tokens' span
@@ -54,6 +54,7 @@ def test_chunked_prefill_packed_with_other_sequences_decoding(checker: Any) -> N
         0,
         embeds=full.embeds[in_first],
         embed_index=full.embed_index[in_first],  # type: ignore[index]
+        embed_positions=None if full.embed_positions is None else full.embed_positions[in_first],
     )
     second = SequenceInput(
         full.token_ids[cut:],
@@ -62,6 +63,7 @@ def test_chunked_prefill_packed_with_other_sequences_decoding(checker: Any) -> N
         cut,
         embeds=full.embeds[~in_first],
         embed_index=full.embed_index[~in_first] - cut,  # type: ignore[index]
+        embed_positions=None if full.embed_positions is None else full.embed_positions[~in_first],
     )
     decoder(pack([other], BLOCK_SIZE), kv)
     ref_other = checker.reference_logits(short, [])

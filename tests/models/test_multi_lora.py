@@ -45,7 +45,9 @@ def peft_logits(adapter_dir: Path | None, checker_prompt: Any) -> torch.Tensor:
     base = load_reference(DRAFTER, "LlavaForConditionalGeneration")
     model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.inference_mode():
-        out = model(input_ids=checker_prompt.input_ids[None], pixel_values=checker_prompt.pixel_values)
+        out = model(
+            input_ids=checker_prompt.input_ids[None], pixel_values=checker_prompt.images["pixel_values"]
+        )
     return out.logits[0].float()
 
 
@@ -65,7 +67,7 @@ def test_mixed_adapter_batch_matches_peft_per_request(
         stack.load(slot, adapter)
     checker = ModelChecker(drafter, None, seed=0)
     texts = ["what color is the star?", "describe the scene.", "is there a red circle?", "count the shapes."]
-    prompts = [checker.prompt(t, with_image=True, seed=i) for i, t in enumerate(texts)]
+    prompts = [checker.prompt(t, image_size=(48, 40), seed=i) for i, t in enumerate(texts)]
     slots = ORDERS[order]
     blocks = ScrambledBlocks(256, seed=1)
     seqs = [checker.sequence(p, blocks, len(p.input_ids)) for p in prompts]

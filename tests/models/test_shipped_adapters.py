@@ -29,7 +29,7 @@ def test_shipped_adapter_loads_in_peft_and_matches_our_layer(user: str) -> None:
     stack = MultiLora(drafter.decoder.cfg, slots=1, max_rank=16)
     stack.load(0, load_adapter(folder, drafter.decoder.cfg, max_rank=16))
     checker = ModelChecker(drafter, reference, seed=0)
-    prompt = checker.prompt("describe the scene.", with_image=True, seed=1)
+    prompt = checker.prompt("describe the scene.", image_size=(48, 40), seed=1)
     seq = checker.sequence(prompt, ScrambledBlocks(256, seed=2), len(prompt.input_ids))
     kv = PagedKVCache(drafter.decoder.kv_layout(num_blocks=256, block_size=BLOCK_SIZE))
     lora = stack.batch(torch.zeros(seq.num_new, dtype=torch.long))

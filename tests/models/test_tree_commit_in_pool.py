@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ def test_committed_tree_path_kv_continues_like_plain_decoding(checker: Any) -> N
     decoder, block_size = checker.model.decoder, 4
     pool = BlockPool(decoder.kv_layout(num_blocks=64, block_size=block_size))
     seq = SequenceBlocks(pool)
-    prompt = checker.prompt("what color is the star ?", with_image=True, seed=11)
+    prompt = checker.prompt("what color is the star ?", image_size=(48, 40), seed=11)
     first = checker.sequence(prompt, _NoBlocks(), 0)
     seq.reserve(first.num_new)
     decoder(pack([_with_table(first, seq)], block_size), pool.kv)
@@ -24,10 +25,10 @@ def test_committed_tree_path_kv_continues_like_plain_decoding(checker: Any) -> N
 
     # a tree whose accepted path is nodes 1 -> 4 -> 6 (not a prefix of the node order)
     tree = DraftTree(torch.tensor([5, 17, 23, 42, 61, 77, 90]), torch.tensor([-1, -1, 0, 0, 1, 2, 4]))
-    n = seq.num_tokens
+    n, root = seq.num_tokens, prompt.next_position - 1  # under M-RoPE the root's position < n - 1
     seq.reserve(tree.num_nodes)
     item = SequenceInput(
-        tree.token_ids, n - 1 + tree.depths(), seq.block_table, n, attention_mask=tree.ancestor_mask()
+        tree.token_ids, root + tree.depths(), seq.block_table, n, attention_mask=tree.ancestor_mask()
     )
     decoder(pack([item], block_size), pool.kv)
     path = tree.path_to(6)
@@ -39,7 +40,8 @@ def test_committed_tree_path_kv_continues_like_plain_decoding(checker: Any) -> N
     # decode one more token on top of the committed path: must match transformers on prompt + path
     accepted = [int(tree.token_ids[i]) for i in path]
     seq.reserve(1)
-    step = SequenceInput(torch.tensor([40]), torch.tensor([seq.num_tokens]), seq.block_table, seq.num_tokens)
+    after = root + 1 + len(path)
+    step = SequenceInput(torch.tensor([40]), torch.tensor([after]), seq.block_table, seq.num_tokens)
     ours = decoder.logits(decoder(pack([step], block_size), pool.kv))[0]
     ref = checker.reference_logits(prompt, [*accepted, 40])[-1]
     assert (ours - ref).abs().max() <= 1e-4
@@ -51,9 +53,7 @@ class _NoBlocks:
 
 
 def _with_table(item: SequenceInput, seq: SequenceBlocks) -> SequenceInput:
-    return SequenceInput(
-        item.token_ids, item.positions, seq.block_table, 0, embeds=item.embeds, embed_index=item.embed_index
-    )
+    return dataclasses.replace(item, block_table=seq.block_table, num_cached=0)
 
 
 def test_paged_pool_is_sized_from_the_decoder(checker: Any) -> None:

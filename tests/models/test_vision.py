@@ -11,10 +11,11 @@ from models.vision import VisualTokens, splice_images
 
 
 def test_image_features_equal_transformers_get_image_features(checker: Any) -> None:
-    prompt = checker.prompt("what is this ?", with_image=True, seed=5)
-    ours = checker.model.vision(prompt.pixel_values)
+    prompt = checker.prompt("what is this ?", image_size=(48, 40), seed=5)
+    ours = checker.model.vision(prompt.images)
+    inputs = {k: v for k, v in prompt.images.items() if k != "mm_token_type_ids"}
     with torch.inference_mode():
-        ref = checker.reference.model.get_image_features(pixel_values=prompt.pixel_values).pooler_output
+        ref = checker.reference.model.get_image_features(**inputs).pooler_output
     assert len(ours) == len(ref) == 1
     assert ours[0].embeds.shape == ref[0].shape
     assert (ours[0].embeds - ref[0]).abs().max() <= 1e-5

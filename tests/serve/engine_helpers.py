@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from PIL import Image
 
 from core.prompt import Prompt
 from core.sampling import SamplingParams
+from models.loader import read_config
+from models.processor import load_processor
 from scheduler.engine import Completion, Engine
 from serve.chat import chat_prompt
 
@@ -18,7 +21,7 @@ from serve.chat import chat_prompt
 def noisy_copy(source: Path, out: Path, scale: float, seed: int) -> Path:
     """``source`` with Gaussian noise on every language-model weight: a drafter that agrees with
     the target often but not always."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -27,7 +30,9 @@ def noisy_copy(source: Path, out: Path, scale: float, seed: int) -> Path:
             if "language_model" in name and p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
     model.save_pretrained(out)
-    AutoProcessor.from_pretrained(source, local_files_only=True).save_pretrained(out)
+    for file in source.iterdir():  # tokenizer, processor and chat template as they are
+        if file.is_file() and file.suffix != ".safetensors" and not (out / file.name).exists():
+            shutil.copy(file, out / file.name)
     return out
 
 
@@ -49,10 +54,11 @@ class Oracle:
     """transformers ``generate`` (greedy) on the same checkpoint: what the engine must equal."""
 
     def __init__(self, folder: Path, device: str = "cpu") -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         self.device = device
-        self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        architecture = read_config(folder)["architectures"][0]
+        self.processor = load_processor(folder, architecture, multimodal=True)
         self.model = (
             AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
             .eval()
