@@ -22,6 +22,7 @@ from models.device import resolve_device
 from models.host_allocator import keep_freed_memory
 from models.processor import load_processor
 from models.vision import ImageEncoder, VisionEncoder
+from models.vision_llava_next import load_llava_next_vision
 from models.vision_qwen2 import load_qwen_vision
 
 # files whose settings change how images become visual tokens (and so the KV after them)
@@ -131,6 +132,20 @@ def _load_vision(hf_config: Any, tensors: dict[str, torch.Tensor], dtype: torch.
 
 
 def _load_llava(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
+    return _load_llava_family(path, dtype, attention_backend, _load_vision)
+
+
+def _load_llava_next(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
+    """LLaVA-NeXT and LLaVA-OneVision: the LLaVA layout with any-resolution tiles."""
+    return _load_llava_family(path, dtype, attention_backend, load_llava_next_vision)
+
+
+def _load_llava_family(
+    path: Path,
+    dtype: torch.dtype,
+    attention_backend: str,
+    load_vision: Callable[[Any, dict[str, torch.Tensor], torch.dtype], ImageEncoder],
+) -> LoadedModel:
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -141,12 +156,16 @@ def _load_llava(path: Path, dtype: torch.dtype, attention_backend: str) -> Loade
     lm.update(
         {f"lm_head.{k}": v for k, v in take_prefix(tensors, ("lm_head.", "language_model.lm_head.")).items()}
     )
+    try:
+        vision = load_vision(hf_config, tensors, dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     return LoadedModel(
         path=path,
-        architecture="LlavaForConditionalGeneration",
+        architecture=hf_config.architectures[0],
         hf_config=hf_config,
         decoder=build_decoder(cfg, lm, dtype, attention_backend),
-        vision=_load_vision(hf_config, tensors, dtype),
+        vision=vision,
         image_token_id=int(hf_config.image_token_id),
     )
 
@@ -196,6 +215,8 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, attention_backend: str) -> L
 
 ARCHITECTURES: dict[str, Callable[[Path, torch.dtype, str], LoadedModel]] = {
     "LlavaForConditionalGeneration": _load_llava,
+    "LlavaNextForConditionalGeneration": _load_llava_next,
+    "LlavaOnevisionForConditionalGeneration": _load_llava_next,
     "Qwen2VLForConditionalGeneration": _load_qwen_vl,
     "Qwen2_5_VLForConditionalGeneration": _load_qwen_vl,
     "LlamaForCausalLM": _load_causal_lm,

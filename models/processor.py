@@ -1,15 +1,17 @@
 """The checkpoint's own processor (chat template, tokenizer, image processor), loaded offline.
 
-``AutoProcessor`` is the first choice. Qwen2-VL's processor also owns a video processor, and
-transformers builds those only with torchvision, whose PyPI wheels are CUDA builds that do not
-load beside a CPU torch. Without torchvision the same processor class is built around the
-checkpoint's PIL image processor and tokenizer, with no video processor: images go through
-exactly the code ``AutoProcessor`` would run.
+``AutoProcessor`` is the first choice. Qwen2-VL's and LLaVA-OneVision's processors also own a
+video processor, and transformers builds those only with torchvision, whose PyPI wheels are CUDA
+builds that do not load beside a CPU torch. Without torchvision the family's own processor class
+is loaded without its video processor (:func:`images_only`): the checkpoint's image processor
+(its PIL implementation), tokenizer, chat template and settings, and images go through exactly
+the code ``AutoProcessor`` would run.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -18,37 +20,60 @@ def has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def _qwen_processor(path: Path, processor_name: str) -> Any:
-    import transformers
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+@cache
+def _images_only_classes() -> dict[str, type]:
+    """Each family's processor class with ``video_processor`` left out of ``__init__``: its
+    sub-processors and the settings ``from_pretrained`` passes on are read off ``__init__``'s
+    parameters, so the class loads and expands image tokens as the full one does."""
+    from transformers import LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 
-    base = getattr(transformers, processor_name)
+    class Qwen2VLImagesOnly(Qwen2VLProcessor):  # type: ignore[misc]
+        def __init__(
+            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
+        ):
+            super().__init__(image_processor, tokenizer, None, chat_template, **kwargs)
 
-    class ImagesOnly(base):  # type: ignore[misc, valid-type]
-        """The family's processor without its video processor."""
+    class Qwen2_5_VLImagesOnly(Qwen2_5_VLProcessor):  # type: ignore[misc]
+        def __init__(
+            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
+        ):
+            super().__init__(image_processor, tokenizer, None, chat_template, **kwargs)
 
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
+    class LlavaOnevisionImagesOnly(LlavaOnevisionProcessor):  # type: ignore[misc]
+        def __init__(
+            self,
+            image_processor: Any = None,
+            tokenizer: Any = None,
+            num_image_tokens: int | None = None,
+            vision_feature_select_strategy: str | None = None,
+            chat_template: Any = None,
+            image_token: str = "<image>",
+            video_token: str = "<video>",
+            vision_aspect_ratio: str = "anyres_max_9",
+            **kwargs: Any,
+        ):
+            super().__init__(
+                image_processor, tokenizer, None, num_image_tokens, vision_feature_select_strategy,
+                chat_template, image_token, video_token, vision_aspect_ratio, **kwargs,
+            )  # fmt: skip
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-    template = path / "chat_template.jinja"
-    chat_template = template.read_text() if template.is_file() else tokenizer.chat_template
-    return ImagesOnly(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=None,
-        chat_template=chat_template,
-    )
+    return {
+        "Qwen2VLProcessor": Qwen2VLImagesOnly,
+        "Qwen2_5_VLProcessor": Qwen2_5_VLImagesOnly,
+        "LlavaOnevisionProcessor": LlavaOnevisionImagesOnly,
+    }
 
 
-# architecture -> how to build its processor when AutoProcessor cannot (no torchvision)
-WITHOUT_TORCHVISION = {
-    "Qwen2VLForConditionalGeneration": lambda path: _qwen_processor(path, "Qwen2VLProcessor"),
-    "Qwen2_5_VLForConditionalGeneration": lambda path: _qwen_processor(path, "Qwen2_5_VLProcessor"),
+def images_only(processor_name: str) -> type:
+    """transformers' ``processor_name`` class without its video processor (which needs torchvision)."""
+    return _images_only_classes()[processor_name]
+
+
+# architecture -> its processor class, where that class needs torchvision for its video processor
+WITH_VIDEO = {
+    "Qwen2VLForConditionalGeneration": "Qwen2VLProcessor",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLProcessor",
+    "LlavaOnevisionForConditionalGeneration": "LlavaOnevisionProcessor",
 }
 
 
@@ -58,6 +83,6 @@ def load_processor(path: Path, architecture: str, multimodal: bool) -> Any:
 
     if not multimodal:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if architecture in WITHOUT_TORCHVISION and not has_torchvision():
-        return WITHOUT_TORCHVISION[architecture](path)
+    if architecture in WITH_VIDEO and not has_torchvision():
+        return images_only(WITH_VIDEO[architecture]).from_pretrained(path, local_files_only=True)
     return AutoProcessor.from_pretrained(path, local_files_only=True)

@@ -119,12 +119,11 @@ def _text_config(spec: RandomLlavaSpec, vocab_size: int, eos_id: int, pad_id: in
     return configs[spec.text_family](**common)
 
 
-def _vision_parts(spec: RandomLlavaSpec) -> tuple[Any, Any]:
+def vision_tower_config(spec: RandomLlavaSpec) -> Any:
+    """The spec's CLIP or SigLIP tower (SigLIP without the attention-pooling head no LLaVA uses)."""
     from transformers import CLIPVisionConfig, SiglipVisionConfig
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    common = dict(
+    common: dict[str, Any] = dict(
         hidden_size=spec.vision_hidden_size,
         intermediate_size=2 * spec.vision_hidden_size,
         num_hidden_layers=2,
@@ -133,14 +132,21 @@ def _vision_parts(spec: RandomLlavaSpec) -> tuple[Any, Any]:
         patch_size=spec.patch_size,
     )
     if spec.vision_family == "clip":
-        size = spec.image_size
-        return CLIPVisionConfig(projection_dim=spec.vision_hidden_size, **common), CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
+        return CLIPVisionConfig(projection_dim=spec.vision_hidden_size, **common)
     if spec.vision_family == "siglip":
-        size = {"height": spec.image_size, "width": spec.image_size}
-        return SiglipVisionConfig(**common), SiglipImageProcessorPil(size=size)
+        return SiglipVisionConfig(vision_use_head=False, **common)
     raise ValueError(f"vision_family must be 'clip' or 'siglip', got {spec.vision_family!r}")
+
+
+def _vision_parts(spec: RandomLlavaSpec) -> tuple[Any, Any]:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    size = spec.image_size
+    if spec.vision_family == "clip":
+        crop = {"height": size, "width": size}
+        return vision_tower_config(spec), CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=crop)
+    return vision_tower_config(spec), SiglipImageProcessorPil(size={"height": size, "width": size})
 
 
 def build_random_llava(out_dir: str | Path, spec: RandomLlavaSpec = RandomLlavaSpec()) -> Path:

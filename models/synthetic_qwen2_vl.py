@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from models.processor import images_only
 from models.synthetic import _DEFAULT_CORPUS, RandomLlavaSpec, _spread_weights, build_tokenizer
 
 QWEN_SPECIAL_TOKENS = [
@@ -113,9 +114,10 @@ def build_random_qwen2_vl(
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL, size=pixels
     )
-    image_processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    processor = images_only(class_name.replace("ForConditionalGeneration", "Processor"))
+    processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE
+    ).save_pretrained(out)
     return out
 
 

@@ -41,6 +41,15 @@ SPECS = {
 FAMILY_SPECS = {
     "qwen2vl-gqa2-untied": ("qwen2-vl", RandomLlavaSpec(num_kv_heads=2)),
     "qwen2.5vl-mha-tied": ("qwen2.5-vl", RandomLlavaSpec(num_kv_heads=4, tie_embeddings=True)),
+    "next-llama-clip-gqa2": ("llava-next", RandomLlavaSpec(text_family="llama", vision_family="clip")),
+    "next-qwen2-siglip-mqa-tied": (
+        "llava-next",
+        RandomLlavaSpec(text_family="qwen2", vision_family="siglip", num_kv_heads=1, tie_embeddings=True),
+    ),
+    "onevision-qwen2-siglip-gqa2": (
+        "llava-onevision",
+        RandomLlavaSpec(text_family="qwen2", vision_family="siglip"),
+    ),
 }
 CHECKPOINTS = {**{name: ("llava", spec) for name, spec in SPECS.items()}, **FAMILY_SPECS}
 

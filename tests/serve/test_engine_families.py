@@ -19,7 +19,7 @@ from models.synthetic import RandomLlavaSpec
 from serve.engine_builder import EngineOptions, build_engine
 from tests.serve.engine_helpers import Oracle, noisy_copy, random_image, run_checked
 
-FAMILIES = ["qwen2-vl", "qwen2.5-vl"]
+FAMILIES = ["llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl"]
 QUESTIONS = ["describe the picture", "what is it", "tell me more about the colors"]
 
 
