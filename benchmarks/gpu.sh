@@ -29,7 +29,16 @@ step machine python3 -c "import torch, transformers; print(torch.__version__, to
 transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 # only the GPU test files: the others import the serving stack (ray, fastapi), absent there
 step tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/models/test_device.py \
-    tests/serve/test_engine_shipped.py tests/models/test_attention_backends.py
+    tests/serve/test_engine_shipped.py tests/models/test_attention_backends.py \
+    tests/models/test_families_low_precision.py tests/serve/test_engine_families.py
+# every VLM family in bf16 on the GPU (flash-attn where installed) against transformers
+attention=$(python3 -c "import importlib.util as u; print('flash_attn' if u.find_spec('flash_attn') else 'sdpa')")
+for family in llava llava-next llava-onevision qwen2-vl qwen2.5-vl; do
+    step "random_$family" python3 -m serve.cli make-random-checkpoint --family "$family" --out "$work/ckpt-$family"
+    step "check_$family" python3 -m serve.cli check-model --model "$work/ckpt-$family" --dtype bf16 \
+        --device "$device" --attention "$attention"
+done
+rm -rf "$work"/ckpt-*
 step verify_batch python3 -m benchmarks.verify_batch --device "$device" --repeats 40 --out "$work"
 step spec_decode_long python3 -m benchmarks.spec_decode --device "$device" --mode long --max-tokens 128 \
     --repeats 2 --only ours_spec_adapter ours_no_spec hf_generate hf_assisted_adapter --out "$work"

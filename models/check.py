@@ -10,6 +10,10 @@ Four comparisons of logits, each against ``AutoModelForImageTextToText`` (or
   in one packed forward.
 
 KV blocks are handed out in a scrambled order so that paging is really exercised.
+
+The oracle always runs in fp32 on the CPU. A check in bf16 / fp16 (on a GPU, say) also runs
+transformers in that dtype on that device (the *peer*) against the same oracle: our low-precision
+error is judged against the error transformers' own low-precision forward makes.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from core.forward_batch import SequenceInput, pack
 from core.kv import PagedKVCache
 from core.tree import DraftTree
-from models.loader import LoadedModel, load_model
+from models.loader import DTYPES, LoadedModel, load_model
 from models.vision import prompt_positions, splice_images
 
 BLOCK_SIZE = 4
@@ -42,9 +46,22 @@ class CheckReport:
     tree_nodes: int
     batch_sequences: int
     dtype: str
+    device: str = "cpu"
+    # bf16 / fp16: transformers' own max |logit - fp32 oracle| in that dtype, per comparison
+    peer_max_abs_diff: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def verdicts(self, tolerance: float) -> dict[str, tuple[float, float, bool]]:
+        """Comparison -> (our diff, the bound it must stay within, within it). The bound is
+        ``tolerance``, or twice the peer's diff when that is larger (low precision)."""
+        out = {}
+        for name in ("prefill", "decode", "tree", "batch"):
+            ours = float(getattr(self, f"{name}_max_abs_diff"))
+            bound = max(tolerance, 2 * (self.peer_max_abs_diff or {}).get(name, 0.0))
+            out[name] = (ours, bound, ours <= bound)
+        return out
 
 
 class ScrambledBlocks:
@@ -81,8 +98,11 @@ class _Run:
 
 
 class ModelChecker:
-    def __init__(self, model: LoadedModel, reference: Any, seed: int) -> None:
+    def __init__(self, model: LoadedModel, reference: Any, seed: int, peer: Any = None) -> None:
         self.model, self.reference, self.seed = model, reference, seed
+        self.peer = peer  # transformers in our dtype and on our device, or None
+        self.peer_diffs: dict[str, float] = {}
+        self.phase = "prefill"
         self.processor = model.processor()
 
     def prompt(self, text: str, image_size: tuple[int, int] | None, seed: int) -> _Prompt:
@@ -131,7 +151,18 @@ class ModelChecker:
         if "pixel_values" not in kwargs:
             kwargs = {}
         with torch.inference_mode():
-            return self.reference(input_ids=ids, **kwargs).logits[0].float()
+            ref = self.reference(input_ids=ids, **kwargs).logits[0].float()
+            if self.peer is not None:
+                device, dtype = self.peer.device, self.peer.dtype
+                moved = {
+                    k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                    for k, v in kwargs.items()
+                }
+                peer = self.peer(input_ids=ids.to(device), **moved).logits[0].float().cpu()
+                self.peer_diffs[self.phase] = max(
+                    self.peer_diffs.get(self.phase, 0.0), float((peer - ref).abs().max())
+                )
+        return ref
 
     def sequence(self, prompt: _Prompt, blocks: ScrambledBlocks, capacity: int) -> SequenceInput:
         ids = prompt.input_ids
@@ -179,10 +210,15 @@ class ModelChecker:
         return diff
 
     def run(self, decode_steps: int = 8) -> CheckReport:
+        self.phase = "prefill"
         run, prefill_diff = self.start(extra_capacity=decode_steps + len(TREE_PARENTS))
+        self.phase = "decode"
         decode_diff = self.decode(run, decode_steps)
+        self.phase = "tree"
         tree_diff = self.tree_diff(run)
+        self.phase = "batch"
         batch_diff, batch_size = self.batch_diff()
+        weight = self.model.decoder.embed_tokens.weight
         return CheckReport(
             prefill_max_abs_diff=prefill_diff,
             decode_max_abs_diff=decode_diff,
@@ -192,7 +228,9 @@ class ModelChecker:
             decode_steps=decode_steps,
             tree_nodes=len(TREE_PARENTS),
             batch_sequences=batch_size,
-            dtype=str(self.model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),
+            dtype=str(weight.dtype).removeprefix("torch."),
+            device=str(weight.device),
+            peer_max_abs_diff=dict(self.peer_diffs) if self.peer is not None else None,
         )
 
     def tree_diff(self, run: _Run) -> float:
@@ -243,15 +281,26 @@ class ModelChecker:
         return diff, len(seqs)
 
 
-def load_reference(path: Path, architecture: str) -> Any:
+def load_reference(
+    path: Path, architecture: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForCausalLM if architecture.endswith("ForCausalLM") else AutoModelForImageTextToText
-    return auto.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    return auto.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
 
 
-def check_model(path: str | Path, seed: int = 0, decode_steps: int = 8) -> CheckReport:
-    """Compare our fp32 logits with transformers' on the checkpoint at ``path``."""
-    model = load_model(path, dtype="fp32")
+def check_model(
+    path: str | Path,
+    seed: int = 0,
+    decode_steps: int = 8,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    attention_backend: str = "sdpa",
+) -> CheckReport:
+    """Compare our logits (in ``dtype`` on ``device``) with transformers' fp32 ones on the CPU
+    for the checkpoint at ``path``; below fp32, transformers in ``dtype`` on ``device`` too."""
+    model = load_model(path, dtype=dtype, attention_backend=attention_backend, device=device)
     reference = load_reference(Path(path), model.architecture)
-    return ModelChecker(model, reference, seed).run(decode_steps)
+    peer = None if dtype == "fp32" else load_reference(Path(path), model.architecture, DTYPES[dtype], device)
+    return ModelChecker(model, reference, seed, peer).run(decode_steps)

@@ -11,6 +11,7 @@ the code ``AutoProcessor`` would run.
 from __future__ import annotations
 
 import importlib.util
+import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,12 @@ def load_processor(path: Path, architecture: str, multimodal: bool) -> Any:
     if architecture in WITH_VIDEO and not has_torchvision():
         return images_only(WITH_VIDEO[architecture]).from_pretrained(path, local_files_only=True)
     return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+def folder_processor(path: str | Path) -> Any:
+    """The processor of the checkpoint folder ``path`` without loading its weights: its
+    ``config.json`` names the architecture, and a ``vision_config`` makes it a VLM."""
+    folder = Path(path)
+    config = json.loads((folder / "config.json").read_text())
+    architecture = (config.get("architectures") or [""])[0]
+    return load_processor(folder, architecture, multimodal="vision_config" in config)

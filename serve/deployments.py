@@ -213,8 +213,7 @@ class GatewayServer:
     """The body of the ``Gateway`` deployment: routes delegate to :class:`serve.gateway.Gateway`."""
 
     def __init__(self, engine: DeploymentHandle, settings: ServeSettings) -> None:
-        from transformers import AutoProcessor
-
+        from models.processor import folder_processor
         from serve.auth import KeyStore
         from serve.gateway import Gateway, GatewayConfig
         from serve.openai.images import ImageLimits
@@ -237,7 +236,7 @@ class GatewayServer:
             tenant_wait_s=settings.tenant_wait_s,
             public_system_prompts=frozenset(settings.prefix_cache.public_system_prompts),
         )
-        processor = AutoProcessor.from_pretrained(settings.target, local_files_only=True)
+        processor = folder_processor(settings.target)
         keys, metrics = KeyStore.load(settings.keys_file), GatewayMetrics()
         self.gateway = Gateway(RayEngineClient(engine), processor, keys, config, record=metrics.request)
 

@@ -79,11 +79,24 @@ class BuiltEngine:
 
 
 def check_same_tokenizer(target: Any, drafter: Any, drafter_dir: Path) -> None:
-    if target.get_vocab() != drafter.get_vocab() or target.eos_token_id != drafter.eos_token_id:
-        raise ValueError(
-            f"the drafter in {drafter_dir} uses a different tokenizer than the target; "
-            "a drafter must share the target's vocabulary"
-        )
+    """A drafter proposes target token ids: the two vocabularies (special tokens included) and
+    end-of-sequence ids must be the same."""
+    ours, theirs = target.get_vocab(), drafter.get_vocab()
+    if ours == theirs and target.eos_token_id == drafter.eos_token_id:
+        return
+    differ = sorted(  # tokens only one side has (special tokens, typically) first
+        (t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t)),
+        key=lambda t: (t in ours and t in theirs, min(ours.get(t, 1 << 40), theirs.get(t, 1 << 40))),
+    )
+    example = ", ".join(f"{t!r}: {ours.get(t)} vs {theirs.get(t)}" for t in differ[:3]) or (
+        f"end of sequence {target.eos_token_id} vs {drafter.eos_token_id}"
+    )
+    raise ValueError(
+        f"the drafter in {drafter_dir} uses a different tokenizer than the target ({len(theirs)} vs "
+        f"{len(ours)} tokens, {len(differ)} differing; target vs drafter ids: {example}); a drafter must "
+        "share the target's vocabulary and special tokens: take one of the same family (a small "
+        "Qwen2-VL for a Qwen2-VL target)"
+    )
 
 
 def measure_cost(model: LoadedModel, pool: BlockPool, tokens: tuple[int, ...], repeats: int = 3) -> CostCurve:

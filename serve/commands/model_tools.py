@@ -11,28 +11,40 @@ from serve.commands.base import Command
 
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random image and draft tree")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference|")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random images and draft tree")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="our weights' dtype")
+    p.add_argument("--device", default="cpu", help="where ours (and, below fp32, transformers') run")
+    p.add_argument("--attention", default="sdpa", help="attention backend: sdpa or flash_attn")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest allowed |logit difference| from transformers in fp32 (below fp32: or twice "
+        "transformers' own difference in that dtype, when larger)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _check(args: argparse.Namespace) -> int:
     from models.check import check_model
 
-    report = check_model(args.model, seed=args.seed).as_dict()
-    diffs = {k: v for k, v in report.items() if k.endswith("max_abs_diff")}
-    ok = all(v <= args.tolerance for v in diffs.values())
-    report.update(tolerance=args.tolerance, ok=ok)
+    report = check_model(
+        args.model, seed=args.seed, dtype=args.dtype, device=args.device, attention_backend=args.attention
+    )
+    verdicts = report.verdicts(args.tolerance)
+    ok = all(within for *_, within in verdicts.values())
     if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in diffs.items():
-            verdict = "ok" if value <= args.tolerance else "FAIL"
-            print(f"{key:<24} {value:.3e}  {verdict}")
-        print(
-            f"{report['prompt_tokens']} prompt tokens, {report['decode_steps']} decode steps, "
-            f"{report['tree_nodes']} tree nodes, {report['batch_sequences']} packed sequences"
-        )
+        print(json.dumps({**report.as_dict(), "tolerance": args.tolerance, "ok": ok}))
+        return 0 if ok else 1
+    peer = report.peer_max_abs_diff
+    for name, (ours, bound, within) in verdicts.items():
+        theirs = f"  transformers {args.dtype}: {peer[name]:.3e}" if peer else ""
+        verdict = "ok" if within else "FAIL"
+        print(f"{name + '_max_abs_diff':<24} {ours:.3e}  (bound {bound:.1e}){theirs}  {verdict}")
+    print(
+        f"{report.prompt_tokens} prompt tokens, {report.decode_steps} decode steps, {report.tree_nodes} tree "
+        f"nodes, {report.batch_sequences} packed sequences; {report.dtype} on {report.device}"
+    )
     return 0 if ok else 1
 
 

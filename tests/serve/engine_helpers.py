@@ -12,8 +12,7 @@ from PIL import Image
 
 from core.prompt import Prompt
 from core.sampling import SamplingParams
-from models.loader import read_config
-from models.processor import load_processor
+from models.processor import folder_processor
 from scheduler.engine import Completion, Engine
 from serve.chat import chat_prompt
 
@@ -57,8 +56,7 @@ class Oracle:
         from transformers import AutoModelForImageTextToText
 
         self.device = device
-        architecture = read_config(folder)["architectures"][0]
-        self.processor = load_processor(folder, architecture, multimodal=True)
+        self.processor = folder_processor(folder)
         self.model = (
             AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
             .eval()

@@ -16,6 +16,7 @@ from core.sampling import SamplingParams
 from drafter_pool.tree_search import TreeShape
 from models.random_checkpoints import build_random_vlm
 from models.synthetic import RandomLlavaSpec
+from scheduler.engine import Completion
 from serve.engine_builder import EngineOptions, build_engine
 from tests.serve.engine_helpers import Oracle, noisy_copy, random_image, run_checked
 
@@ -64,7 +65,22 @@ def test_plain_decoding_equals_transformers_greedy(family: dict[str, Path], orac
 def test_speculative_requests_with_compressed_drafts_equal_transformers(
     family: dict[str, Path], oracle: Oracle, drafter: str
 ) -> None:
-    options = EngineOptions(policy="fixed", fixed_nodes=5, max_batch_tokens=64, tree=TreeShape(width=3))
+    outs = _speculate(family, oracle, drafter, "cpu")
+    if drafter == "noisy":
+        assert sum(o.stats.accepted_tokens for o in outs) > 0
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_speculative_requests_equal_transformers_on_the_gpu(family: dict[str, Path]) -> None:
+    _speculate(family, Oracle(family["target"], device="cuda"), "small", "cuda")
+
+
+def _speculate(family: dict[str, Path], oracle: Oracle, drafter: str, device: str) -> list[Completion]:
+    """Five requests at once (images of different shapes or none, compression 1 to 0.25): each
+    equals transformers' greedy generate; drafts were made; every block comes back."""
+    options = EngineOptions(
+        policy="fixed", fixed_nodes=5, max_batch_tokens=64, tree=TreeShape(width=3), device=device
+    )
     built = build_engine(family["target"], family[drafter], options)
     cases = [
         (QUESTIONS[i % 3], random_image(20 + i) if i % 3 else None, None if i % 2 else "sys", 6 + 3 * i)
@@ -77,6 +93,12 @@ def test_speculative_requests_with_compressed_drafts_equal_transformers(
     for i, (out, (q, img, sys, n)) in enumerate(zip(outs, cases, strict=True)):
         assert out.token_ids == tuple(oracle.greedy(q, img, sys, n)), f"request {i}"
     assert sum(o.stats.draft_tokens for o in outs) > 0
-    if drafter == "noisy":
-        assert sum(o.stats.accepted_tokens for o in outs) > 0
     assert built.engine.scheduler.pool.num_free_blocks == built.engine.scheduler.pool.num_blocks
+    return outs
+
+
+def test_a_drafter_of_another_family_is_refused_with_what_differs(tmp_path: Path) -> None:
+    target = build_random_vlm(tmp_path / "qwen", "qwen2-vl", RandomLlavaSpec(seed=1))
+    drafter = build_random_vlm(tmp_path / "llava", "llava-next", RandomLlavaSpec(seed=2))
+    with pytest.raises(ValueError, match=r"different tokenizer .*'<\|endoftext\|>': 0 vs None.*same family"):
+        build_engine(target, drafter, EngineOptions(policy="fixed"))
