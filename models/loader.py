@@ -224,6 +224,16 @@ ARCHITECTURES: dict[str, Callable[[Path, torch.dtype, str], LoadedModel]] = {
 }
 
 
+# architectures users bring that are refused on purpose, with why
+REFUSED = {
+    "Gemma3ForConditionalGeneration": (
+        "Gemma 3 is not supported: five of every six layers attend through a sliding window and an "
+        "image's tokens attend to each other both ways, while the paged KV pool and its attention "
+        "backends apply one causal (or tree) mask per sequence to every layer"
+    ),
+}
+
+
 def load_model(
     path: str | Path, dtype: str = "fp32", attention_backend: str = "sdpa", device: str = "cpu"
 ) -> LoadedModel:
@@ -238,6 +248,9 @@ def load_model(
     config = read_config(folder)
     architectures = config.get("architectures") or []
     supported = [a for a in architectures if a in ARCHITECTURES]
+    refused = [REFUSED[a] for a in architectures if a in REFUSED]
+    if not supported and refused:
+        raise CheckpointError(f"{refused[0]}; supported: {sorted(ARCHITECTURES)}")
     if not supported:
         raise CheckpointError(
             f"architecture {architectures or config.get('model_type')} in {folder / 'config.json'} is not "

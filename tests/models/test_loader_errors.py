@@ -44,6 +44,14 @@ def test_unsupported_architecture(good: Path, tmp_path: Path) -> None:
         load_model(ckpt)
 
 
+def test_gemma3_is_refused_with_the_reason_and_the_supported_families(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"]}))
+    with pytest.raises(
+        CheckpointError, match=r"Gemma 3 is not supported: .*sliding window.*Qwen2VLForConditional"
+    ):
+        load_model(tmp_path)
+
+
 def test_missing_weights_file(good: Path, tmp_path: Path) -> None:
     ckpt = _copy(good, tmp_path)
     (ckpt / "model.safetensors").unlink()
