@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from models.random_checkpoints import build_random_vlm
+from models.synthetic import RandomLlavaSpec
 from models.tiny.samples import make_sample
-from tests.serve.engine_helpers import Oracle
+from tests.serve.engine_helpers import Oracle, random_image
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 SAMPLE = make_sample(1_000_000_321, kind="describe")
@@ -49,6 +51,24 @@ def test_generate_json_equals_transformers_greedy_with_and_without_speculation(s
         "decode_tokens_per_s",
         "accepted_tokens",
     }
+
+
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl"])
+def test_generate_on_a_family_pair_equals_transformers_greedy_with_and_without_speculation(
+    family: str, tmp_path: Path
+) -> None:
+    target = build_random_vlm(tmp_path / "target", family, RandomLlavaSpec(seed=1))
+    small = RandomLlavaSpec(seed=2, hidden_size=32, num_heads=2, num_kv_heads=1, num_layers=1)
+    drafter = build_random_vlm(tmp_path / "drafter", family, small)
+    image = random_image(7)
+    image.save(tmp_path / "image.png")
+    base = ["--model", str(target), "--image", str(tmp_path / "image.png"), "--prompt", "what is it"]
+    base += ["--max-tokens", "12", "--json"]
+    spec = json.loads(_covspec(*base, "--drafter", str(drafter), "--policy", "fixed").stdout)
+    plain = json.loads(_covspec(*base, "--no-spec").stdout)
+    expected = Oracle(target).greedy("what is it", image, None, 12)
+    assert spec["token_ids"] == plain["token_ids"] == expected
+    assert spec["stats"]["draft_tokens"] > 0 and plain["stats"]["draft_tokens"] == 0
 
 
 @pytest.mark.parametrize(
