@@ -70,6 +70,23 @@ def test_speculative_requests_with_compressed_drafts_equal_transformers(
         assert sum(o.stats.accepted_tokens for o in outs) > 0
 
 
+def test_a_prefix_with_the_image_is_reused_and_the_answer_stays_exact(
+    family: dict[str, Path], oracle: Oracle
+) -> None:
+    """The second request shares the first's system prompt and image: its blocks (visual rows
+    included, at their tiles' or grid's positions) come from the prefix cache, drafter and target."""
+    built = build_engine(family["target"], family["noisy"], EngineOptions(policy="fixed", fixed_nodes=4))
+    image = random_image(40)
+    first, second = (
+        oracle.prompt(q, image, "be brief") for q in ("what is it", "tell me more about the colors")
+    )
+    [a] = run_checked(built.engine, [first], [SamplingParams(max_tokens=8)])
+    [b] = run_checked(built.engine, [second], [SamplingParams(max_tokens=8)])
+    image_end = max(start + rows for start, rows in built.engine.encode(second).image_rows)
+    assert a.stats.cached_tokens == 0 and b.stats.cached_tokens >= image_end // 16 * 16 > 0
+    assert b.token_ids == tuple(oracle.greedy("tell me more about the colors", image, "be brief", 8))
+
+
 @pytest.mark.gpu
 def test_on_the_gpu_speculative_requests_equal_transformers_on_the_gpu(family: dict[str, Path]) -> None:
     _speculate(family, Oracle(family["target"], device="cuda"), "small", "cuda")
