@@ -58,6 +58,7 @@ class DraftProposal:
     dropped: bool = False  # the drafter had no room: it holds no KV for the request now (empty tree)
     bytes_up: int = 0  # its part of the draft call, serialized (0 when the drafter is in-process)
     bytes_down: int = 0  # this proposal, serialized
+    adapter_version: int | None = None  # published version of the request's adapter that drafted it
 
     def __post_init__(self) -> None:
         rows = self.tree.num_nodes + 1

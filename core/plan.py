@@ -102,6 +102,8 @@ class RequestStats:
     preemptions: int = 0  # times its KV was freed for older requests (and recomputed)
     link_bytes_up: int = 0  # its draft calls to a drafter pool, serialized (engine -> pool)
     link_bytes_down: int = 0  # its trees back, serialized (pool -> engine)
+    adapter: str | None = None  # the drafter adapter it was drafted with (None: the base drafter)
+    adapter_version: int | None = None  # that adapter's published version (online learning), if any
 
     @property
     def tau(self) -> float:

@@ -7,6 +7,11 @@ is never evicted or replaced. When a slot is needed, the least recently used unp
 evicted; using it again reloads it from its folder, refusing files that changed since ``add``.
 ``remove`` of a pinned adapter retires it: no new request may use it, and its slot is freed when
 the last request using it releases it.
+
+Versions (hot swap): ``publish(name, folder, version)`` registers the folder as ``name@vN`` and
+makes it what ``name`` means from then on; the version it replaces is removed as above. A request
+pins what its adapter name meant when it was admitted (``resolve``), so requests in flight finish
+on the weights their KV was computed with and new ones take the new version.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from models.multi_lora import NO_ADAPTER, LoraBatch, MultiLora
 class _Registered:
     folder: Path
     digest: str  # sha256 of the weights file when it was added
+    version: int | None = None  # published version (online learning); None for a plain adapter
 
 
 @dataclass
@@ -35,6 +41,7 @@ class AdapterStats:
     loads: int = 0  # adapters written into a slot (first use or reload)
     evictions: int = 0
     no_slot: int = 0  # requests drafted without their adapter: every slot was pinned
+    published: int = 0  # new versions of an adapter swapped in
 
 
 def weights_digest(folder: Path) -> str:
@@ -52,7 +59,8 @@ class AdapterRegistry:
     ) -> None:
         self.cfg, self.max_rank = cfg, max_rank
         self.stack = MultiLora(cfg, slots, max_rank, dtype, device)
-        self.registered: dict[str, _Registered] = {}
+        self.registered: dict[str, _Registered] = {}  # by key: the name, or name@vN for a version
+        self.current: dict[str, str] = {}  # adapter name -> the key it means now
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
         self.pins: Counter[str] = Counter()
         self.retiring: set[str] = set()  # removed while pinned
@@ -61,37 +69,61 @@ class AdapterRegistry:
     @property
     def names(self) -> list[str]:
         """Adapters a new request may use."""
-        return sorted(self.registered.keys() - self.retiring)
+        return sorted(self.current)
 
     def has(self, name: str) -> bool:
-        return name in self.registered and name not in self.retiring
+        return name in self.current
+
+    def resolve(self, name: str) -> str:
+        """The key a request naming ``name`` pins now (its current version)."""
+        return self.current.get(name, name)
+
+    def version(self, name: str) -> int | None:
+        """The published version ``name`` means now; None for a plain adapter or an unknown one."""
+        key = self.current.get(name)
+        return None if key is None else self.registered[key].version
 
     def add(self, name: str, folder: str | Path) -> LoraAdapter:
         """Register the PEFT LoRA in ``folder`` as ``name``; ``AdapterError`` says what is wrong."""
-        if name in self.registered:
+        if name in self.current or name in self.registered:
             state = "being removed (requests still use it)" if name in self.retiring else "registered"
             raise AdapterError(f"adapter {name!r} is already {state}; remove it first or pick another name")
-        path = Path(folder)
-        adapter = load_adapter(path, self.cfg, self.max_rank, name)
-        self.registered[name] = _Registered(path, weights_digest(path))
+        adapter = self._register(name, Path(folder), name, None)
+        self.current[name] = name
+        return adapter
+
+    def publish(self, name: str, folder: str | Path, version: int) -> LoraAdapter:
+        """Make version ``version`` in ``folder`` what ``name`` means for new requests; the
+        version it replaces goes as ``remove`` takes it (at once, or when its last user ends)."""
+        old = self.current.get(name)
+        if old is not None and (self.registered[old].version or 0) >= version:
+            at = self.registered[old].version
+            raise AdapterError(f"adapter {name!r} is at version {at}; version {version} is not newer")
+        key = f"{name}@v{version}"
+        adapter = self._register(key, Path(folder), name, version)
+        self.current[name] = key
+        if old is not None:
+            self._retire(old)
+        self.stats.published += 1
         return adapter
 
     def remove(self, name: str) -> None:
         if not self.has(name):
             raise AdapterError(f"no adapter named {name!r}; registered: {self.names}")
-        if self.pins[name]:
-            self.retiring.add(name)
-        else:
-            self._forget(name)
+        self._retire(self.current.pop(name))
 
     def can_acquire(self, name: str) -> bool:
-        return self.has(name) and (name in self.resident or self._claimable() is not None)
+        key = self.resolve(name)
+        usable = key in self.registered and key not in self.retiring
+        return usable and (key in self.resident or self._claimable() is not None)
 
     def acquire(self, name: str) -> int:
-        """Pin ``name`` for one request and return its slot, loading it (and evicting the least
-        recently used unpinned adapter) when it is not resident. Check ``can_acquire`` first."""
+        """Pin what ``name`` means now (``resolve``: release that key later) for one request and
+        return its slot, loading it (and evicting the least recently used unpinned adapter) when
+        it is not resident. Check ``can_acquire`` first."""
         if not self.can_acquire(name):
             raise AdapterError(f"adapter {name!r} is unknown or every slot is pinned")
+        name = self.resolve(name)
         if name not in self.resident:
             self._load(name, self._evict_for_slot())
         self.resident.move_to_end(name)
@@ -119,6 +151,8 @@ class AdapterRegistry:
         return self.stack.one_slot(slot, n)
 
     def check_integrity(self) -> None:
+        if not set(self.current.values()) <= self.registered.keys() - self.retiring:
+            raise IntegrityError(f"adapter names point at keys that are gone: {self.current}")
         slots = list(self.resident.values())
         if len(set(slots)) != len(slots):
             raise IntegrityError(f"two adapters share a slot: {dict(self.resident)}")
@@ -167,6 +201,17 @@ class AdapterRegistry:
         self.stack.load(slot, load_adapter(entry.folder, self.cfg, self.max_rank, name))
         self.resident[name] = slot
         self.stats.loads += 1
+
+    def _register(self, key: str, path: Path, name: str, version: int | None) -> LoraAdapter:
+        adapter = load_adapter(path, self.cfg, self.max_rank, name)
+        self.registered[key] = _Registered(path, weights_digest(path), version)
+        return adapter
+
+    def _retire(self, key: str) -> None:
+        if self.pins[key]:
+            self.retiring.add(key)
+        else:
+            self._forget(key)
 
     def _forget(self, name: str) -> None:
         slot = self.resident.pop(name, None)

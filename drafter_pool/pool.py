@@ -137,12 +137,22 @@ class DrafterPool:
         for req in ready:
             self.states[req.request_id].blocks.commit(0, ())  # drop the tree's KV
         trees = {
-            r.request_id: replace(g.proposal(r.request_id), prefill_tokens=self._prefilled(r, pending, fresh))
+            r.request_id: replace(
+                g.proposal(r.request_id),
+                prefill_tokens=self._prefilled(r, pending, fresh),
+                adapter_version=self._version(self.states[r.request_id]),
+            )
             for g, r in zip(growers, ready, strict=True)
         }
         return [
             trees.get(r.request_id) or replace(empty_proposal(r.request_id), dropped=True) for r in requests
         ]
+
+    def _version(self, state: _Drafting) -> int | None:
+        """The published version of the adapter ``state`` drafts with (None: base or plain)."""
+        if state.adapter is None or self.adapters is None:
+            return None
+        return self.adapters.registered[state.adapter].version
 
     @staticmethod
     def _prefilled(req: DraftRequest, pending: dict[int, SequenceInput | None], fresh: set[int]) -> int:
@@ -284,7 +294,7 @@ class DrafterPool:
                 registry.stats.no_slot += 1
             return None, NO_ADAPTER
         try:
-            return name, registry.acquire(name)
+            return registry.resolve(name), registry.acquire(name)  # the version it means now
         except AdapterError:  # its files changed on disk since it was added: counted, base drafts
             registry.stats.no_slot += 1
             return None, NO_ADAPTER

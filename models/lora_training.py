@@ -64,29 +64,40 @@ def _batch(samples: Sequence[LoraSample], image_processor: Any, pad_id: int) -> 
 
 
 def train_lora(
-    base_dir: str | Path, samples: Sequence[LoraSample], config: LoraTrainConfig, out_dir: str | Path
+    base_dir: str | Path,
+    samples: Sequence[LoraSample],
+    config: LoraTrainConfig,
+    out_dir: str | Path,
+    init_from: str | Path | None = None,
+    progress: bool = True,
 ) -> LoraTrainResult:
-    """Fit a LoRA on the language model of the drafter in ``base_dir``; write it to ``out_dir``
+    """Fit a LoRA on the language model of the drafter in ``base_dir`` (from zero, or on from the
+    adapter in ``init_from``, whose rank and modules it keeps); write it to ``out_dir``
     (``adapter_config.json`` + ``adapter_model.safetensors``, loadable by ``PeftModel``)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from models.processor import folder_processor
 
     if len(samples) < config.batch:
         raise ValueError(f"{len(samples)} samples is fewer than one batch of {config.batch}")
     torch.manual_seed(config.seed)
     base = AutoModelForImageTextToText.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(base_dir, local_files_only=True)
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=0.0,
-        target_modules=rf".*language_model.*\.({'|'.join(config.modules)})",
-    )
-    model = get_peft_model(base, lora).train()
+    processor = folder_processor(base_dir)
+    if init_from is not None:
+        model = PeftModel.from_pretrained(base, init_from, is_trainable=True).train()
+    else:
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=0.0,
+            target_modules=rf".*language_model.*\.({'|'.join(config.modules)})",
+        )
+        model = get_peft_model(base, lora).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     pool, rng, losses, started = list(samples), random.Random(config.seed), [], time.time()
-    bar = tqdm(range(config.steps), desc="adapter", unit="step")
+    bar = tqdm(range(config.steps), desc="adapter", unit="step", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config.steps, config.lr)
@@ -104,3 +115,34 @@ def train_lora(
         warnings.simplefilter("ignore", UserWarning)
         model.eval().save_pretrained(out_dir)
     return LoraTrainResult(tuple(losses), round(time.time() - started, 1), sum(p.numel() for p in params))
+
+
+@torch.inference_mode()
+def teacher_forced_acceptance(
+    base_dir: str | Path, adapter_dir: str | Path | None, samples: Sequence[LoraSample], batch: int = 16
+) -> float:
+    """The share of answer tokens the drafter in ``base_dir`` (with the adapter in
+    ``adapter_dir``; None: without one) predicts as its top choice, fed the answer so far: how
+    often a greedy one-token draft would be accepted."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from models.processor import folder_processor
+
+    if not samples:
+        raise ValueError("teacher-forced acceptance needs at least one sample")
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    processor = folder_processor(base_dir)
+    hits = total = 0
+    for i in range(0, len(samples), batch):
+        inputs = _batch(samples[i : i + batch], processor.image_processor, processor.tokenizer.pad_token_id)
+        labels = inputs.pop("labels")
+        predicted = model(**inputs).logits[:, :-1].argmax(-1)  # row t predicts token t + 1
+        target = labels[:, 1:]
+        scored = target != IGNORE
+        hits += int((predicted[scored] == target[scored]).sum())
+        total += int(scored.sum())
+    return hits / max(total, 1)

@@ -54,6 +54,7 @@ class RequestState:
     group: int = 0  # the pipeline group it is scheduled with (``SchedulerConfig.groups``)
     link_bytes_up: int = 0  # its draft calls and trees across the drafter link, serialized
     link_bytes_down: int = 0
+    adapter_version: int | None = None  # the version of ``adapter`` its last tree was drafted with
     block_hashes: tuple[bytes, ...] = ()  # content hash per full prompt block (prefix caching)
     cached_tokens: int = 0  # prompt tokens found in a prefix cache at the first admission
     published: int = 0  # leading prompt blocks already in the prefix cache (found or offered)
@@ -98,6 +99,8 @@ class RequestState:
             preemptions=self.preemptions,
             link_bytes_up=self.link_bytes_up,
             link_bytes_down=self.link_bytes_down,
+            adapter=self.adapter,
+            adapter_version=self.adapter_version,
         )
 
     def chunk(self, n: int) -> EncodedPrompt:

@@ -157,6 +157,8 @@ class Scheduler:
             if (owner := self.queue.requests.get(p.request_id)) is not None:
                 owner.link_bytes_up += p.bytes_up
                 owner.link_bytes_down += p.bytes_down
+                if p.adapter_version is not None:
+                    owner.adapter_version = p.adapter_version
         for item, out in zip(plan.items, outcomes, strict=True):
             req = self.queue.requests[item.request_id]
             n = int(item.token_ids.shape[0])

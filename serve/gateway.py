@@ -70,7 +70,7 @@ class GatewayConfig:
     public_system_prompts: frozenset[str] = frozenset()  # system turns whose KV all tenants share
 
 
-def covspec_stats(completion: Completion, adapter: str | None) -> dict[str, Any]:
+def covspec_stats(completion: Completion) -> dict[str, Any]:
     s = completion.stats
     return {
         "tau": round(s.tau, 4),
@@ -79,7 +79,8 @@ def covspec_stats(completion: Completion, adapter: str | None) -> dict[str, Any]
         "accepted_tokens": s.accepted_tokens,
         "link_bytes_up": s.link_bytes_up,  # to the drafter pool and back, serialized (0: in-engine)
         "link_bytes_down": s.link_bytes_down,
-        "adapter": adapter,
+        "adapter": s.adapter,  # the drafter adapter that drafted it, and its learned version if any
+        "adapter_version": s.adapter_version,
         "ttft_s": round(completion.ttft_s, 4),
     }
 
@@ -152,7 +153,7 @@ class Gateway:
             model = req.model or self.config.model_name
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                events = self._events(first, outputs, request_id, model, adapter, include_usage, tenant)
+                events = self._events(first, outputs, request_id, model, include_usage, tenant)
                 streaming = True
                 return StreamingResponse(events, media_type="text/event-stream"), tenant
             completion = await self._finish(first, outputs)
@@ -165,7 +166,7 @@ class Gateway:
         body = completion_body(
             request_id, model, completion.text, completion.finish_reason,
             usage(stats.prompt_tokens, stats.output_tokens, stats.cached_tokens),
-            covspec_stats(completion, adapter),
+            covspec_stats(completion),
         )  # fmt: skip
         return JSONResponse(body), tenant
 
@@ -270,7 +271,6 @@ class Gateway:
         rest: AsyncIterator[RequestOutput | Completion],
         request_id: str,
         model: str,
-        adapter: str | None,
         include_usage: bool,
         tenant: str,
     ) -> AsyncIterator[str]:
@@ -280,7 +280,7 @@ class Gateway:
             while True:
                 if isinstance(item, Completion):
                     stats = item.stats
-                    covspec = covspec_stats(item, adapter)
+                    covspec = covspec_stats(item)
                     yield sse(chunk_body(request_id, model, {}, item.finish_reason, covspec=covspec))
                     if include_usage:
                         yield sse(

@@ -233,3 +233,36 @@ def test_removing_an_unknown_adapter_lists_the_known_ones(
     reg = registry(cfg, folders, slots=2)
     with pytest.raises(AdapterError, match="registered: \\['a', 'b', 'c'\\]"):
         reg.remove("zed")
+
+
+# -- published versions (online learning's hot swap) ---------------------------------------
+
+
+def test_a_published_version_is_what_new_requests_get_while_old_pins_keep_theirs(
+    cfg: DecoderConfig, folders: dict[str, Path], tmp_path: Path
+) -> None:
+    reg = AdapterRegistry(cfg, slots=3, max_rank=8)
+    reg.publish("carol", folders["a"], version=1)
+    assert reg.has("carol") and reg.version("carol") == 1 and reg.resolve("carol") == "carol@v1"
+    old_key, old_slot = reg.resolve("carol"), reg.acquire("carol")  # a request in flight on v1
+    old_delta = delta(reg, old_key)
+    reg.publish("carol", folders["b"], version=2)
+    reg.check_integrity()
+    assert reg.version("carol") == 2 and reg.names == ["carol"]
+    assert reg.slot_of(old_key) == old_slot and torch.equal(delta(reg, old_key), old_delta)  # untouched
+    new_key = reg.resolve("carol")
+    reg.acquire("carol")
+    assert new_key == "carol@v2" and not torch.equal(delta(reg, new_key), old_delta)
+    reg.release(old_key)  # v1's last user ends: v1 is gone
+    assert old_key not in reg.registered and reg.slot_of(old_key) is None
+    reg.release(new_key)
+    reg.check_integrity()
+    assert reg.stats.published == 2
+
+
+def test_an_older_or_equal_version_is_refused(cfg: DecoderConfig, folders: dict[str, Path]) -> None:
+    reg = AdapterRegistry(cfg, slots=2, max_rank=8)
+    reg.publish("carol", folders["a"], version=3)
+    with pytest.raises(AdapterError, match="at version 3; version 3 is not newer"):
+        reg.publish("carol", folders["b"], version=3)
+    assert reg.version("carol") == 3
