@@ -12,6 +12,7 @@ the adapters of users who were forgotten.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Mapping
@@ -112,6 +113,23 @@ class OnlineLearner:
     def _lora(self, sample: ServedSample) -> LoraSample:
         ids = self.encoder.layout(sample.prompt).token_ids.tolist()
         return LoraSample(tuple(ids), sample.answer_ids, sample.prompt.images[0])
+
+
+class LearnedAdapters:
+    """A drafter's view of the published versions: :func:`sync_published` at most every
+    ``poll_s`` seconds, called between drafting steps by the drafter's owner."""
+
+    def __init__(self, store: SampleStore, poll_s: float = 2.0) -> None:
+        self.store, self.poll_s = store, poll_s
+        self.learned: set[str] = set()
+        self._last = -math.inf
+
+    def sync(self, registry: AdapterRegistry) -> list[str]:
+        now = time.monotonic()
+        if now - self._last < self.poll_s:
+            return []
+        self._last = now
+        return sync_published(registry, self.store, self.learned)
 
 
 def sync_published(registry: AdapterRegistry, store: SampleStore, learned: set[str]) -> list[str]:

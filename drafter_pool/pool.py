@@ -34,6 +34,7 @@ from core.sampling import SamplingParams, probs_from_logits
 from core.tree import ROOT, DraftTree
 from drafter_pool.adapters import AdapterError, AdapterRegistry
 from drafter_pool.compression import get_compressor
+from drafter_pool.learner import LearnedAdapters
 from drafter_pool.tree_search import TreeGrower, TreeShape
 from kvcache.block_hash import prompt_block_hashes
 from kvcache.block_pool import BlockPool, IntegrityError
@@ -97,8 +98,10 @@ class DrafterPool:
         adapters: AdapterRegistry | None = None,
         prefix_cache: bool = True,
         threads: int | None = None,  # intra-op CPU threads of its forwards (None: the process's)
+        learned: LearnedAdapters | None = None,  # versions learned online, swapped in between steps
     ) -> None:
         self.model = model
+        self.learned = learned
         self.threads = threads
         self.adapters = adapters
         self.pool = BlockPool(model.decoder.kv_layout(num_blocks, block_size))
@@ -119,6 +122,8 @@ class DrafterPool:
         marked ``dropped``: the pool let its KV go, and prefills it again when it next gets a
         tree. A request's first tree reports the tokens encoded for it (``prefill_tokens``).
         Once ``stop`` says so (asked before each depth level), the trees end where they are."""
+        if self.learned is not None and self.adapters is not None:
+            self.learned.sync(self.adapters)  # between steps: pinned versions stay as they are
         with intra_op_threads(self.threads):
             return self._propose(requests, stop or (lambda: False))
 

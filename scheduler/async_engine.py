@@ -26,6 +26,7 @@ class _Submit:
     sampling: SamplingParams
     compression: float | None
     adapter: str | None
+    learn: bool
     outputs: asyncio.Queue[int | RequestOutput | Completion | BaseException]
     loop: asyncio.AbstractEventLoop
 
@@ -55,13 +56,16 @@ class AsyncEngine:
         sampling: SamplingParams,
         compression: float | None = None,
         adapter: str | None = None,
+        learn: bool = False,
     ) -> AsyncIterator[RequestOutput | Completion]:
         """Every step's output for this request, then its :class:`Completion`. Cancelling the
-        consumer aborts the request. ``adapter`` names the drafter LoRA of the caller."""
+        consumer aborts the request. ``adapter`` names the drafter LoRA of the caller (``learn``:
+        one learned online, which may have no version yet)."""
         if not self.alive:
             raise RuntimeError(f"the engine loop is not running: {self.error!r}")
         outputs: asyncio.Queue[int | RequestOutput | Completion | BaseException] = asyncio.Queue()
-        self._inbox.put(_Submit(prompt, sampling, compression, adapter, outputs, asyncio.get_running_loop()))
+        loop = asyncio.get_running_loop()
+        self._inbox.put(_Submit(prompt, sampling, compression, adapter, learn, outputs, loop))
         request_id, completed = None, False
         try:
             while not completed:
@@ -117,7 +121,9 @@ class AsyncEngine:
                 self._streams.pop(msg.request_id, None)
                 continue
             try:
-                request_id = self.engine.add_request(msg.prompt, msg.sampling, msg.compression, msg.adapter)
+                request_id = self.engine.add_request(
+                    msg.prompt, msg.sampling, msg.compression, msg.adapter, learn=msg.learn
+                )
             except ValueError as e:
                 msg.loop.call_soon_threadsafe(msg.outputs.put_nowait, e)
                 continue

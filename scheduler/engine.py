@@ -151,11 +151,15 @@ class Engine:
         sampling: SamplingParams,
         compression: float | None = None,
         adapter: str | None = None,
+        learn: bool = False,
     ) -> int:
         """Queue a request and return its id; ``ValueError`` for a request that cannot run.
-        ``adapter`` names the drafter LoRA to draft it with (its output does not depend on it)."""
+        ``adapter`` names the drafter LoRA to draft it with (its output does not depend on it);
+        with ``learn`` it is learned online and may have no version yet (the base drafter drafts
+        until one is published)."""
         arrived = time.perf_counter()  # TTFT counts encoding the prompt (the vision tower) too
-        if adapter is not None and (self.drafter is None or not self.drafter.has_adapter(adapter)):
+        known = adapter is not None and self.drafter is not None and self.drafter.has_adapter(adapter)
+        if adapter is not None and not known and not learn:
             where = "this engine decodes without a drafter" if self.drafter is None else "it is not loaded"
             raise ValueError(f"unknown drafter adapter {adapter!r}: {where}")
         ratio = self.compression if compression is None else compression
@@ -174,7 +178,8 @@ class Engine:
                 compression=ratio,
                 generator=torch.Generator().manual_seed(seed),
                 eos_token_ids=self.eos_token_ids,
-                adapter=adapter,
+                adapter=adapter if self.drafter is not None else None,
+                adapter_known=known,
                 arrived_s=arrived,
                 block_hashes=self.scheduler.admission.block_hashes(prompt, encoded),
                 visual=(lambda: self.encode(prompt)) if lazy else None,

@@ -55,6 +55,7 @@ class RequestState:
     link_bytes_up: int = 0  # its draft calls and trees across the drafter link, serialized
     link_bytes_down: int = 0
     adapter_version: int | None = None  # the version of ``adapter`` its last tree was drafted with
+    adapter_known: bool = True  # False while a learned adapter has no version (the base drafter drafts)
     block_hashes: tuple[bytes, ...] = ()  # content hash per full prompt block (prefix caching)
     cached_tokens: int = 0  # prompt tokens found in a prefix cache at the first admission
     published: int = 0  # leading prompt blocks already in the prefix cache (found or offered)
@@ -99,7 +100,7 @@ class RequestState:
             preemptions=self.preemptions,
             link_bytes_up=self.link_bytes_up,
             link_bytes_down=self.link_bytes_down,
-            adapter=self.adapter,
+            adapter=self.adapter if self.adapter_known or self.adapter_version is not None else None,
             adapter_version=self.adapter_version,
         )
 

@@ -26,6 +26,12 @@ class Caller:
     user: str
     tenant: str
     adapter: str | None  # the drafter adapter of this user; None = the base drafter
+    learn: bool = False  # the service may keep this user's requests to train their drafter adapter
+
+    @property
+    def learned_adapter(self) -> str:
+        """The adapter online learning trains for this user: their own, else one named after them."""
+        return self.adapter or self.user
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,17 @@ class KeyStore:
         entries = []
         for i, row in enumerate(rows):
             if not isinstance(row, dict) or not {"key_sha256", "user", "tenant"} <= row.keys():
-                raise ValueError(f"{file} entry {i} needs key_sha256, user and tenant (adapter optional)")
+                raise ValueError(
+                    f"{file} entry {i} needs key_sha256, user and tenant (adapter and learn optional)"
+                )
             digest = str(row["key_sha256"])
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError(f"{file} entry {i}: key_sha256 must be 64 lowercase hex digits")
-            adapter = row.get("adapter")
-            caller = Caller(str(row["user"]), str(row["tenant"]), None if adapter is None else str(adapter))
+            adapter, learn = row.get("adapter"), row.get("learn", False)
+            if not isinstance(learn, bool):
+                raise ValueError(f"{file} entry {i}: learn must be true or false, got {learn!r}")
+            adapter = None if adapter is None else str(adapter)
+            caller = Caller(str(row["user"]), str(row["tenant"]), adapter, learn)
             entries.append(KeyEntry(digest, caller))
         return cls(entries)
 
@@ -87,8 +98,9 @@ class KeyStore:
         return found
 
 
-def add_key(path: str | Path, user: str, tenant: str, adapter: str | None = None) -> str:
-    """Create a key for ``user`` of ``tenant``, append its hash to ``path``; return the key."""
+def add_key(path: str | Path, user: str, tenant: str, adapter: str | None = None, learn: bool = False) -> str:
+    """Create a key for ``user`` of ``tenant``, append its hash to ``path``; return the key.
+    ``learn``: the service may keep the user's requests to train their drafter adapter."""
     file = Path(path)
     rows = (yaml.safe_load(file.read_text()) or []) if file.is_file() else []
     key = "sk-covspec-" + secrets.token_urlsafe(24)
@@ -99,6 +111,8 @@ def add_key(path: str | Path, user: str, tenant: str, adapter: str | None = None
     }
     if adapter is not None:
         row["adapter"] = _check_name("adapter", adapter)
+    if learn:
+        row["learn"] = True
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(yaml.safe_dump([*rows, row], sort_keys=False))
     return key

@@ -9,6 +9,7 @@ Ray Serve's multiplexed model id: the router prefers engine replicas already dra
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from scheduler.engine import Completion
 from serve.holdings import Holdings
 from serve.metrics import AdapterMetrics, EngineMetrics, GatewayMetrics
 from serve.settings import DeploymentSettings, ServeSettings
+from serve.trainer import TrainerServer
 
 
 def use_cpus(num_cpus: float) -> None:
@@ -45,7 +47,7 @@ def engine_options(settings: ServeSettings, placement: DeploymentSettings) -> An
     from scheduler.engine import DRAFT_TIMEOUT_S
     from serve.engine_builder import EngineOptions
 
-    cache, pool = settings.prefix_cache, settings.drafter_pool
+    cache, pool, learning = settings.prefix_cache, settings.drafter_pool, settings.online_learning
     return EngineOptions(
         policy=settings.policy, dtype=settings.dtype, max_batch_tokens=settings.max_batch_tokens,
         device="cuda" if placement.num_gpus > 0 else "cpu",
@@ -53,6 +55,7 @@ def engine_options(settings: ServeSettings, placement: DeploymentSettings) -> An
         redis_url=cache.redis_url or os.environ.get("REDIS_URL"),
         pipeline=settings.pipeline, proactive=settings.proactive,
         draft_timeout_s=pool.timeout_s if pool else DRAFT_TIMEOUT_S,
+        learned_dir=learning.dir if learning.enabled else None, learned_poll_s=learning.poll_s,
     )  # fmt: skip
 
 
@@ -60,9 +63,16 @@ class EngineServer:
     """The body of the ``Engine`` deployment (plain class: testable without Ray). With a
     ``drafter`` handle the drafter runs in the DrafterPool deployment, else in this replica."""
 
-    def __init__(self, settings: ServeSettings, drafter: DeploymentHandle | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        drafter: DeploymentHandle | None = None,
+        trainer: DeploymentHandle | None = None,  # the AdapterTrainer (online learning), if on
+    ) -> None:
+        from drafter_pool.samples import SampleStore
         from scheduler.async_engine import AsyncEngine
         from serve.engine_builder import build_engine
+        from serve.metrics import LearningMetrics
         from serve.remote_drafter import RemoteDrafter
 
         use_cpus(settings.engine.num_cpus)
@@ -77,6 +87,10 @@ class EngineServer:
                 self.built = thread.submit(build_engine, settings.target, None, options, remote).result()
         self.engine = AsyncEngine(self.built.engine)
         self.metrics = EngineMetrics()
+        learning = settings.online_learning
+        self.trainer = trainer
+        self.samples = SampleStore(learning.dir, learning.max_samples) if learning.enabled else None
+        self.learning_metrics = LearningMetrics() if learning.enabled else None
         threading.Thread(target=self._sample_metrics, name="covspec-metrics", daemon=True).start()
 
     @serve.multiplexed(max_num_models_per_replica=16)
@@ -86,18 +100,35 @@ class EngineServer:
         return adapter
 
     async def stream(
-        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None, whole: bool = False
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        adapter: str | None,
+        whole: bool = False,
+        learn: bool = False,
     ) -> AsyncIterator[RequestOutput | Completion]:
         """The request's outputs (``whole``: its ``Completion`` only: every item crosses to the
-        gateway's process, and a caller waiting for the whole answer needs one)."""
+        gateway's process, and a caller waiting for the whole answer needs one). With ``learn``
+        a finished answer is kept as a sample of ``adapter``'s user (online learning)."""
         if adapter is not None:
             await self.adapter_in_use(adapter)
-        async for item in self.engine.stream(prompt, sampling, adapter=adapter):
+        async for item in self.engine.stream(prompt, sampling, adapter=adapter, learn=learn):
             if isinstance(item, Completion):
                 self.metrics.finished(item)
+                if learn and adapter is not None:
+                    await self._keep(prompt, adapter, item)
             elif whole:
                 continue
             yield item
+
+    async def _keep(self, prompt: Prompt, adapter: str, completion: Completion) -> None:
+        """``completion`` as a sample of ``adapter``'s user, in the user's tenant (an answer cut
+        short by an abort or an error teaches nothing)."""
+        if self.samples is None or completion.finish_reason not in ("stop", "length"):
+            return
+        await asyncio.to_thread(self.samples.add, prompt.tenant, adapter, prompt, completion.token_ids)
+        if self.learning_metrics is not None and completion.stats.verify_steps:
+            self.learning_metrics.tau.observe(completion.stats.tau, tags={"user": adapter})
 
     def _sample_metrics(self, period_s: float = 1.0) -> None:
         """Queue, KV, batch and adapter gauges, read from the engine every ``period_s``."""
@@ -143,10 +174,15 @@ class RayEngineClient:
         self.streaming = handle.options(stream=True)
 
     async def stream(
-        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None, whole: bool = False
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        adapter: str | None,
+        whole: bool = False,
+        learn: bool = False,
     ) -> AsyncIterator[RequestOutput | Completion]:
         handle = self.streaming if adapter is None else self.streaming.options(multiplexed_model_id=adapter)
-        outputs = handle.stream.remote(prompt, sampling, adapter, whole)
+        outputs = handle.stream.remote(prompt, sampling, adapter, whole, learn)
         try:
             async for item in outputs:
                 yield item
@@ -235,6 +271,7 @@ class GatewayServer:
             tenant_share=settings.tenant_share,
             tenant_wait_s=settings.tenant_wait_s,
             public_system_prompts=frozenset(settings.prefix_cache.public_system_prompts),
+            learning=settings.online_learning.enabled and settings.drafter is not None,
         )
         processor = folder_processor(settings.target)
         keys, metrics = KeyStore.load(settings.keys_file), GatewayMetrics()
@@ -260,6 +297,7 @@ class GatewayServer:
 EngineDeployment = serve.deployment(name="Engine")(EngineServer)
 DrafterPoolDeployment = serve.deployment(name="DrafterPool")(DrafterPoolReplica)
 GatewayDeployment = serve.deployment(name="Gateway")(serve.ingress(api)(GatewayServer))
+TrainerDeployment = serve.deployment(name="AdapterTrainer")(TrainerServer)
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -278,5 +316,8 @@ def build_app(args: dict[str, Any]) -> Any:
         request_routing_stats_timeout_s=1.0,
     )
     engine_options = {**settings.engine.serve_options(), "request_router_config": router}
-    engine = EngineDeployment.options(**engine_options).bind(settings, drafter)
+    trainer = None
+    if settings.online_learning.enabled and settings.drafter is not None:
+        trainer = TrainerDeployment.options(**settings.online_learning.trainer.serve_options()).bind(settings)
+    engine = EngineDeployment.options(**engine_options).bind(settings, drafter, trainer)
     return GatewayDeployment.options(**settings.gateway.serve_options()).bind(engine, settings)

@@ -14,7 +14,9 @@ from core.draft import Answered, Drafted, DraftRequest
 from core.forward_batch import SequenceInput, pack
 from core.protocols import DraftClient
 from drafter_pool.adapters import AdapterRegistry
+from drafter_pool.learner import LearnedAdapters
 from drafter_pool.pool import DrafterPool
+from drafter_pool.samples import SampleStore
 from drafter_pool.tree_search import TreeShape
 from kvcache.block_pool import BlockPool
 from kvcache.prefix_cache import PrefixCache
@@ -61,6 +63,8 @@ class EngineOptions:
     # (``scheduler.foresight``)
     proactive: bool = True
     draft_timeout_s: float = DRAFT_TIMEOUT_S  # a draft call not answered by then: plain decoding
+    learned_dir: Path | None = None  # online learning's store: its published versions are swapped in
+    learned_poll_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -207,10 +211,13 @@ def build_drafter(folder: Path, tokenizer: Any, opts: EngineOptions) -> LocalDra
     )
     for name, adapter_dir in opts.adapters:
         adapters.add(name, adapter_dir)
+    learned = None
+    if opts.learned_dir is not None:
+        learned = LearnedAdapters(SampleStore(opts.learned_dir), opts.learned_poll_s)
     return LocalDrafter(
         model, num_blocks=opts.drafter_blocks, block_size=opts.block_size,
         shape=opts.tree, compression=opts.compression_method, seed=opts.seed, adapters=adapters,
-        threads=threads_for(model.decoder),
+        threads=threads_for(model.decoder), learned=learned,
     )  # fmt: skip
 
 

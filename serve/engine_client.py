@@ -18,9 +18,14 @@ class LocalEngineClient:
         self.engine = engine
 
     async def stream(
-        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None, whole: bool = False
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        adapter: str | None,
+        whole: bool = False,
+        learn: bool = False,
     ) -> AsyncIterator[RequestOutput | Completion]:
-        async for item in self.engine.stream(prompt, sampling, adapter=adapter):
+        async for item in self.engine.stream(prompt, sampling, adapter=adapter, learn=learn):
             if not whole or isinstance(item, Completion):
                 yield item
 

@@ -39,9 +39,15 @@ from serve.tenant_slots import NoSlot, TenantSlots
 
 class EngineClient(Protocol):
     def stream(
-        self, prompt: Prompt, sampling: SamplingParams, adapter: str | None, whole: bool = False
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        adapter: str | None,
+        whole: bool = False,
+        learn: bool = False,
     ) -> AsyncIterator[RequestOutput | Completion]:
-        """Each step's output for the request, then its ``Completion`` (``whole``: the
+        """Each step's output for the request, then its ``Completion`` (``learn``: ``adapter``
+        is learned online from this user's requests, and this one may be kept; ``whole``: the
         ``Completion`` only, for a caller who waits for the whole answer anyway: one message
         from the engine's process instead of one per step); raises ``ValueError`` for
         a request the engine refuses (e.g. longer than the context) and ``RuntimeError`` when the
@@ -68,6 +74,7 @@ class GatewayConfig:
     tenant_wait_s: float = 0.0
     retry_after_s: int = 1
     public_system_prompts: frozenset[str] = frozenset()  # system turns whose KV all tenants share
+    learning: bool = False  # online learning is on: keys with learn: true get adapters learned for them
 
 
 def covspec_stats(completion: Completion) -> dict[str, Any]:
@@ -147,7 +154,10 @@ class Gateway:
                 tenant,
                 cfg.public_system_prompts,
             )
-            outputs = self.engine.stream(work.prompt, work.sampling, adapter, whole=not req.stream)
+            learn = self.config.learning and caller.learn
+            outputs = self.engine.stream(
+                work.prompt, work.sampling, adapter, whole=not req.stream, learn=learn
+            )
             first = await self._start(outputs)
             request_id = f"chatcmpl-{uuid.uuid4().hex}"
             model = req.model or self.config.model_name
@@ -222,7 +232,10 @@ class Gateway:
         return bytes(body)
 
     def _own_adapter(self, caller: Caller) -> str | None:
-        """The caller's drafter adapter, if the engine has it loaded."""
+        """The caller's drafter adapter: the one learned for them while online learning is on,
+        else their own if the engine has it loaded."""
+        if self.config.learning and caller.learn:
+            return caller.learned_adapter
         return caller.adapter if caller.adapter in self.config.adapters else None
 
     def _adapter(self, caller: Caller, model: str | None) -> str | None:

@@ -245,3 +245,38 @@ class PrefixMetrics:
             self.redis_errors.to(t.errors)
             self.dropped.to(t.dropped_writes)
             self.breaker.set(1.0 if counters.redis_breaker_open else 0.0)
+
+
+class LearningMetrics:
+    """Online drafter learning (``serve/trainer.py``): samples held, versions published and
+    refused, training time, and τ per learning user. The user tag is bounded: only keys with
+    ``learn: true`` produce it."""
+
+    def __init__(self) -> None:
+        m = _metrics()
+        self.samples = m.Gauge(
+            "covspec_learning_samples",
+            description="served samples held per learning user",
+            tag_keys=("user",),
+        )
+        self.versions = m.Counter(
+            "covspec_learning_versions",
+            description="adapter versions trained: published (better) or refused",
+            tag_keys=("user", "outcome"),
+        )
+        self.train_s = m.Counter(
+            "covspec_learning_train_seconds", description="seconds spent training and judging"
+        )
+        self.tau = m.Histogram(
+            "covspec_learning_tau",
+            description="tau (tokens per verify step) of learning users' requests",
+            boundaries=TAU,
+            tag_keys=("user",),
+        )
+
+    def trained(self, name: str, published: bool, seconds: float) -> None:
+        self.versions.inc(1, tags={"user": name, "outcome": "published" if published else "refused"})
+        self.train_s.inc(seconds)
+
+    def held(self, name: str, samples: int) -> None:
+        self.samples.set(samples, tags={"user": name})

@@ -99,6 +99,37 @@ class PrefixCacheSettings(Strict):
         return url
 
 
+class OnlineLearningSettings(Strict):
+    """Per-user drafter adapters trained from the target's own answers while the service runs
+    (``drafter_pool.learner``); only for keys with ``learn: true``, and only when enabled."""
+
+    enabled: bool = False
+    dir: Path = Field(
+        default=Path("learned-adapters"),
+        description="where learning users' samples and published versions live (shared by the "
+        "engine, drafter and trainer replicas: a shared file system on a cluster)",
+    )
+    min_samples: int = Field(default=40, ge=1, description="new samples of a user before training again")
+    max_samples: int = Field(default=400, ge=1, description="samples kept per user (oldest dropped)")
+    holdout: int = Field(default=16, ge=1, description="a user's latest samples that judge a new version")
+    steps: int = Field(default=120, ge=1, description="optimizer steps per version")
+    batch: int = Field(default=16, ge=1)
+    rank: int = Field(default=8, ge=1, le=64)
+    lr: float = Field(default=2e-3, gt=0)
+    min_gain: float = Field(default=0.0, ge=0, description="acceptance a version must add to be published")
+    poll_s: float = Field(default=2.0, gt=0, description="how often the trainer and drafters look for news")
+    trainer: DeploymentSettings = DeploymentSettings(num_cpus=0.5, max_ongoing_requests=4)
+
+    @model_validator(mode="after")
+    def _enough(self) -> OnlineLearningSettings:
+        if self.max_samples < self.holdout + self.batch:
+            raise ValueError(
+                f"max_samples ({self.max_samples}) must hold holdout ({self.holdout}) "
+                f"+ one batch ({self.batch})"
+            )
+        return self
+
+
 class ServeSettings(Strict):
     target: Path = CHECKPOINTS / "tiny-target"
     drafter: Path | None = CHECKPOINTS / "tiny-drafter"  # None: plain decoding
@@ -145,6 +176,7 @@ class ServeSettings(Strict):
     )
     gateway: DeploymentSettings = DeploymentSettings(num_cpus=0.2, max_ongoing_requests=256)
     prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
+    online_learning: OnlineLearningSettings = OnlineLearningSettings()
 
     def resolved(self, base: Path) -> ServeSettings:
         """The same settings with relative paths made absolute against ``base`` (replicas may run
@@ -159,6 +191,9 @@ class ServeSettings(Strict):
                 "drafter": absolute(self.drafter),
                 "adapters_dir": absolute(self.adapters_dir),
                 "keys_file": absolute(self.keys_file),
+                "online_learning": self.online_learning.model_copy(
+                    update={"dir": absolute(self.online_learning.dir)}
+                ),
             }
         )
 

@@ -181,12 +181,17 @@ def _keys_args(p: argparse.ArgumentParser) -> None:
     add.add_argument("--tenant", required=True)
     add.add_argument("--adapter", help="the user's drafter adapter (a folder name under adapters_dir)")
     add.add_argument("--file", type=Path, required=True, help="keys file to append to (created if missing)")
+    add.add_argument(
+        "--learn",
+        action="store_true",
+        help="let the service keep this user's requests to train their drafter adapter (online_learning)",
+    )
 
 
 def _keys(args: argparse.Namespace) -> int:
     from serve.auth import add_key
 
-    key = add_key(args.file, args.user, args.tenant, args.adapter)
+    key = add_key(args.file, args.user, args.tenant, args.adapter, learn=args.learn)
     print(key)
     return 0
 

@@ -185,7 +185,7 @@ class HeldEngine:
         self.started = 0
 
     async def stream(
-        self, prompt: object, sampling: object, adapter: object, whole: bool = False
+        self, prompt: object, sampling: object, adapter: object, whole: bool = False, learn: bool = False
     ) -> AsyncIterator[object]:
         self.started += 1
         while not self.release.is_set():
@@ -240,7 +240,7 @@ class DyingEngine:
         self.dead = False
 
     async def stream(
-        self, prompt: object, sampling: object, adapter: object, whole: bool = False
+        self, prompt: object, sampling: object, adapter: object, whole: bool = False, learn: bool = False
     ) -> AsyncIterator[object]:
         stats = RequestStats(
             prompt_tokens=5, output_tokens=1, verify_steps=1, draft_tokens=0, accepted_tokens=0
