@@ -108,7 +108,7 @@ def train_lora(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(round(float(loss), 5))
+        losses.append(round(float(loss.detach()), 5))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.peft_config["default"].base_model_name_or_path = Path(base_dir).name  # no local paths shipped
     with warnings.catch_warnings():  # PEFT looks that name up to check the vocabulary: unchanged here

@@ -70,3 +70,16 @@ def test_serve_with_a_missing_config_fails_with_one_line(tmp_path: Path) -> None
     )  # fmt: skip
     assert result.returncode == 2
     assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_learning_key_says_so_and_names_the_adapter_learned_for_the_user(tmp_path: Path) -> None:
+    file = tmp_path / "keys.yaml"
+    erin, carol = add_key(file, "erin", "t1", learn=True), add_key(file, "carol", "t2", "carol", learn=True)
+    plain = add_key(file, "bob", "t3", "bob")
+    store = KeyStore.load(file)
+    assert store.authenticate(f"Bearer {erin}").learned_adapter == "erin"  # no adapter: named after her
+    assert store.authenticate(f"Bearer {carol}").learned_adapter == "carol"  # her own, trained on
+    assert not store.authenticate(f"Bearer {plain}").learn  # off unless the key says so
+    file.write_text(file.read_text().replace("learn: true", "learn: yes please", 1))
+    with pytest.raises(ValueError, match="learn must be true or false"):
+        KeyStore.load(file)

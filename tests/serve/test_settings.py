@@ -91,3 +91,14 @@ def test_config_file_with_two_applications_is_refused(tmp_path: Path) -> None:
     config.write_text("applications: [{args: {}}, {args: {}}]")
     with pytest.raises(ValueError, match="exactly one entry under applications"):
         app_args(config)
+
+
+def test_online_learning_is_off_unless_enabled_and_its_sizes_must_fit() -> None:
+    settings = ServeSettings.model_validate(app_args(DEPLOY / "local.yaml"))
+    assert settings.online_learning.enabled is False
+    with pytest.raises(
+        ValidationError, match=r"max_samples \(20\) must hold holdout \(16\) \+ one batch \(16\)"
+    ):
+        ServeSettings.model_validate({"online_learning": {"enabled": True, "max_samples": 20}})
+    with pytest.raises(ValidationError, match="min_samples"):
+        ServeSettings.model_validate({"online_learning": {"min_samples": 0}})
