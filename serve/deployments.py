@@ -88,6 +88,7 @@ class EngineServer:
         self.engine = AsyncEngine(self.built.engine)
         self.metrics = EngineMetrics()
         learning = settings.online_learning
+        # bound here so that Serve runs the trainer with the app; the sample store is their interface
         self.trainer = trainer
         self.samples = SampleStore(learning.dir, learning.max_samples) if learning.enabled else None
         self.learning_metrics = LearningMetrics() if learning.enabled else None
