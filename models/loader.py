@@ -7,10 +7,12 @@ looked up in a registry; anything else is refused with the list of what is suppo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,58 +133,36 @@ def _load_vision(hf_config: Any, tensors: dict[str, torch.Tensor], dtype: torch.
     return vision.to(dtype).eval()
 
 
-def _load_llava(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
-    return _load_llava_family(path, dtype, attention_backend, _load_vision)
+@dataclass(frozen=True)
+class VlmLayout:
+    """Where a VLM family's checkpoint keeps its language model, and how its image path loads
+    (each a list of prefixes, the first one present used: transformers 5 saves
+    ``model.language_model.*``, released checkpoints use older names)."""
+
+    lm: tuple[str, ...]
+    lm_head: tuple[str, ...]
+    load_vision: Callable[[Any, dict[str, torch.Tensor], torch.dtype], ImageEncoder]
 
 
-def _load_llava_next(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
-    """LLaVA-NeXT and LLaVA-OneVision: the LLaVA layout with any-resolution tiles."""
-    return _load_llava_family(path, dtype, attention_backend, load_llava_next_vision)
+LLAVA_LAYOUT = VlmLayout(
+    ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."), _load_vision
+)
+LLAVA_NEXT_LAYOUT = dataclasses.replace(LLAVA_LAYOUT, load_vision=load_llava_next_vision)  # + OneVision
+# released Qwen2-VL checkpoints keep the language model at "model.*" and the tower at "visual.*"
+QWEN_VL_LAYOUT = VlmLayout(("model.language_model.", "model."), ("lm_head.",), load_qwen_vision)
 
 
-def _load_llava_family(
-    path: Path,
-    dtype: torch.dtype,
-    attention_backend: str,
-    load_vision: Callable[[Any, dict[str, torch.Tensor], torch.dtype], ImageEncoder],
-) -> LoadedModel:
+def _load_vlm(path: Path, dtype: torch.dtype, attention_backend: str, layout: VlmLayout) -> LoadedModel:
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     tensors = read_safetensors(path)
     tie = bool(getattr(hf_config, "tie_word_embeddings", False))
     cfg = DecoderConfig.from_hf(hf_config.text_config, tie_embeddings=tie)
-    lm = take_prefix(tensors, ("model.language_model.", "language_model.model."))
-    lm.update(
-        {f"lm_head.{k}": v for k, v in take_prefix(tensors, ("lm_head.", "language_model.lm_head.")).items()}
-    )
+    lm = {k: v for k, v in take_prefix(tensors, layout.lm).items() if not k.startswith("visual.")}
+    lm.update({f"lm_head.{k}": v for k, v in take_prefix(tensors, layout.lm_head).items()})
     try:
-        vision = load_vision(hf_config, tensors, dtype)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    return LoadedModel(
-        path=path,
-        architecture=hf_config.architectures[0],
-        hf_config=hf_config,
-        decoder=build_decoder(cfg, lm, dtype, attention_backend),
-        vision=vision,
-        image_token_id=int(hf_config.image_token_id),
-    )
-
-
-def _load_qwen_vl(path: Path, dtype: torch.dtype, attention_backend: str) -> LoadedModel:
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    tensors = read_safetensors(path)
-    cfg = DecoderConfig.from_hf(hf_config.text_config, tie_embeddings=bool(hf_config.tie_word_embeddings))
-    # transformers 5 saves "model.language_model.*" and "model.visual.*"; the released
-    # checkpoints have the language model at "model.*" and the tower at "visual.*"
-    lm = take_prefix(tensors, ("model.language_model.", "model."))
-    lm = {k: v for k, v in lm.items() if not k.startswith("visual.")}
-    lm.update({f"lm_head.{k}": v for k, v in take_prefix(tensors, ("lm_head.",)).items()})
-    try:
-        vision = load_qwen_vision(hf_config, tensors, dtype)
+        vision = layout.load_vision(hf_config, tensors, dtype)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
     return LoadedModel(
@@ -214,11 +194,11 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, attention_backend: str) -> L
 
 
 ARCHITECTURES: dict[str, Callable[[Path, torch.dtype, str], LoadedModel]] = {
-    "LlavaForConditionalGeneration": _load_llava,
-    "LlavaNextForConditionalGeneration": _load_llava_next,
-    "LlavaOnevisionForConditionalGeneration": _load_llava_next,
-    "Qwen2VLForConditionalGeneration": _load_qwen_vl,
-    "Qwen2_5_VLForConditionalGeneration": _load_qwen_vl,
+    "LlavaForConditionalGeneration": partial(_load_vlm, layout=LLAVA_LAYOUT),
+    "LlavaNextForConditionalGeneration": partial(_load_vlm, layout=LLAVA_NEXT_LAYOUT),
+    "LlavaOnevisionForConditionalGeneration": partial(_load_vlm, layout=LLAVA_NEXT_LAYOUT),
+    "Qwen2VLForConditionalGeneration": partial(_load_vlm, layout=QWEN_VL_LAYOUT),
+    "Qwen2_5_VLForConditionalGeneration": partial(_load_vlm, layout=QWEN_VL_LAYOUT),
     "LlamaForCausalLM": _load_causal_lm,
     "Qwen2ForCausalLM": _load_causal_lm,
 }

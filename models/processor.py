@@ -28,17 +28,17 @@ def _images_only_classes() -> dict[str, type]:
     parameters, so the class loads and expands image tokens as the full one does."""
     from transformers import LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 
-    class Qwen2VLImagesOnly(Qwen2VLProcessor):  # type: ignore[misc]
+    def qwen(base: type) -> type:  # Qwen2-VL's and Qwen2.5-VL's take the same arguments
         def __init__(
-            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
-        ):
-            super().__init__(image_processor, tokenizer, None, chat_template, **kwargs)
+            self: Any,
+            image_processor: Any = None,
+            tokenizer: Any = None,
+            chat_template: Any = None,
+            **kwargs: Any,
+        ) -> None:
+            base.__init__(self, image_processor, tokenizer, None, chat_template, **kwargs)
 
-    class Qwen2_5_VLImagesOnly(Qwen2_5_VLProcessor):  # type: ignore[misc]
-        def __init__(
-            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
-        ):
-            super().__init__(image_processor, tokenizer, None, chat_template, **kwargs)
+        return type(f"{base.__name__}ImagesOnly", (base,), {"__init__": __init__})
 
     class LlavaOnevisionImagesOnly(LlavaOnevisionProcessor):  # type: ignore[misc]
         def __init__(
@@ -59,8 +59,8 @@ def _images_only_classes() -> dict[str, type]:
             )  # fmt: skip
 
     return {
-        "Qwen2VLProcessor": Qwen2VLImagesOnly,
-        "Qwen2_5_VLProcessor": Qwen2_5_VLImagesOnly,
+        "Qwen2VLProcessor": qwen(Qwen2VLProcessor),
+        "Qwen2_5_VLProcessor": qwen(Qwen2_5_VLProcessor),
         "LlavaOnevisionProcessor": LlavaOnevisionImagesOnly,
     }
 

@@ -59,8 +59,8 @@ class PromptEncoder:
             return EncodedPrompt(ids, torch.arange(len(ids)), None, None)
         self._check_vision()
         pairs = list(zip(prompt.images, prompt.digests, strict=True))
-        full = [self._visual(img, digest) for img, digest in pairs]
-        layouts = [self._layout(img, digest) for img, digest in pairs]
+        layouts = [self._layout(img, digest) for img, digest in pairs]  # first: it keeps the processed
+        full = [self._visual(img, digest) for img, digest in pairs]  # image for the tower to take
         expanded = self._expand(ids, prompt.image_token_id, [v.num_total for v in full])
         images = full if select is None else [select(v) for v in full]
         assert self.model.image_token_id is not None

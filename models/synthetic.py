@@ -97,10 +97,9 @@ def build_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
 
 
-def _text_config(spec: RandomLlavaSpec, vocab_size: int, eos_id: int, pad_id: int) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
-
-    common = dict(
+def text_config_args(spec: RandomLlavaSpec, vocab_size: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+    """The spec's language-model config fields, as every family's text config names them."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -113,6 +112,12 @@ def _text_config(spec: RandomLlavaSpec, vocab_size: int, eos_id: int, pad_id: in
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
+
+
+def _text_config(spec: RandomLlavaSpec, vocab_size: int, eos_id: int, pad_id: int) -> Any:
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = text_config_args(spec, vocab_size, eos_id, pad_id)
     configs = {"llama": LlamaConfig, "qwen2": Qwen2Config}
     if spec.text_family not in configs:
         raise ValueError(f"text_family must be one of {sorted(configs)}, got {spec.text_family!r}")

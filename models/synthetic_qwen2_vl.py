@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from models.processor import images_only
-from models.synthetic import _DEFAULT_CORPUS, RandomLlavaSpec, _spread_weights, build_tokenizer
+from models.synthetic import (
+    _DEFAULT_CORPUS,
+    RandomLlavaSpec,
+    _spread_weights,
+    build_tokenizer,
+    text_config_args,
+)
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -83,19 +89,13 @@ def build_random_qwen2_vl(
     tokenizer = build_tokenizer([_DEFAULT_CORPUS] * 4, spec.vocab_size, QWEN_SPECIAL_TOKENS, roles)
     ids = tokenizer.convert_tokens_to_ids
     half = spec.hidden_size // spec.num_heads // 2
-    text = dict(
-        vocab_size=max(spec.vocab_size, len(tokenizer)),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _sections(half)},
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
-        bos_token_id=None,
-    )
+    text = {
+        **text_config_args(
+            spec, max(spec.vocab_size, len(tokenizer)), ids("<|im_end|>"), ids("<|endoftext|>")
+        ),
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _sections(half)},
+        "bos_token_id": None,
+    }
     config = AutoConfig.for_model(
         model_type,
         text_config=text,
